@@ -1,0 +1,322 @@
+"""Base DataModule: seeded stratified splits, class subsets / binary relabelling, indexed dict samples.
+
+Every sample is a dict ``{"image": float C x H x W in [0, 1], "label": int64, "index": int64}`` (plus
+``"attributes"`` where the data set has them). ``index`` is the sample's position in the whole data set, so
+anything seeded per sample (counterfactual queries, random targets) is independent of batching and devices.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+SPLITS = ("train", "val", "test")
+TRAIN, VAL, TEST, UNASSIGNED = 0, 1, 2, -1
+
+
+class LabelledImages(Dataset, abc.ABC):
+    """A data set whose labels are known up front and whose images load one at a time.
+
+    Subclasses set ``labels`` (``(N,)`` int64), optionally ``attributes`` (``(N, A)`` 0/1 float),
+    ``attribute_names`` and ``predefined_split`` (``(N,)`` int8 of TRAIN / VAL / TEST / UNASSIGNED), and
+    implement :meth:`load_image` returning a uint8 ``C x H x W`` tensor.
+    """
+
+    labels: Tensor
+    attributes: Tensor | None = None
+    attribute_names: tuple[str, ...] = ()
+    predefined_split: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @abc.abstractmethod
+    def load_image(self, index: int) -> Tensor:
+        """Return image ``index`` as a uint8 tensor of shape ``C x H x W``."""
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.load_image(index)
+
+
+class TensorImages(LabelledImages):
+    """Images held in memory as one uint8 ``N x C x H x W`` tensor."""
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        attributes: Tensor | None = None,
+        attribute_names: Sequence[str] = (),
+        predefined_split: Tensor | None = None,
+    ):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"expected uint8 images of shape N x C x H x W, got {images.dtype} {tuple(images.shape)}")
+        if len(labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels.long()
+        self.attributes = attributes
+        self.attribute_names = tuple(attribute_names)
+        self.predefined_split = predefined_split
+
+    def load_image(self, index: int) -> Tensor:
+        return self.images[index]
+
+
+class IndexedSamples(Dataset):
+    """The samples of one split: dict items with a float image, the (relabelled) label and the source index."""
+
+    def __init__(self, source: LabelledImages, indices: Tensor, label_map: Tensor, transform: nn.Module | None):
+        self.source = source
+        self.indices = indices
+        self.label_map = label_map
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> dict[str, Tensor]:
+        index = int(self.indices[position])
+        image = self.source.load_image(index).float().div_(255.0)
+        if self.transform is not None:
+            image = self.transform(image)
+        sample = {
+            "image": image,
+            "label": self.label_map[self.source.labels[index]],
+            "index": torch.tensor(index, dtype=torch.long),
+        }
+        if self.source.attributes is not None:
+            sample["attributes"] = self.source.attributes[index]
+        return sample
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Rank ``r`` of ``w`` reads samples ``r, r + w, r + 2w, ...``: no sample is repeated to even out ranks.
+
+    DistributedSampler pads evaluation sets with repeated samples, which biases metrics; evaluation loaders
+    use this sampler instead so that a DDP metric equals the single-process one exactly.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(self.rank, len(dataset), self.num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+
+def stratified_split(labels: Tensor, val_fraction: float, test_fraction: float, seed: int) -> Tensor:
+    """Assign each sample to TRAIN, VAL or TEST so that every class is split in the same proportions.
+
+    Args:
+        labels: ``(N,)`` integer labels.
+        val_fraction: fraction of each class that goes to validation.
+        test_fraction: fraction of each class that goes to test.
+        seed: seed of the permutation; the same seed gives the same split.
+
+    Returns:
+        ``(N,)`` int8 split codes.
+    """
+    if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
+        raise ValueError(f"need 0 <= val_fraction, test_fraction and a sum < 1; got {val_fraction}, {test_fraction}")
+    labels = labels.long()
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=generator)
+    order = order[torch.argsort(labels[order], stable=True)]
+    sorted_labels = labels[order]
+    counts = torch.bincount(sorted_labels)
+    class_start = torch.cumsum(counts, 0) - counts
+    rank_in_class = torch.arange(len(labels)) - class_start[sorted_labels]
+    n_test = torch.round(counts * test_fraction).long()[sorted_labels]
+    n_val = torch.round(counts * val_fraction).long()[sorted_labels]
+    codes_sorted = torch.full((len(labels),), TRAIN, dtype=torch.int8)
+    codes_sorted[rank_in_class < n_test] = TEST
+    codes_sorted[(rank_in_class >= n_test) & (rank_in_class < n_test + n_val)] = VAL
+    codes = torch.empty_like(codes_sorted)
+    codes[order] = codes_sorted
+    return codes
+
+
+class ImageDataModule(L.LightningDataModule, abc.ABC):
+    """Base of every cfx DataModule.
+
+    Subclasses implement :meth:`load_source` and the data facts ``in_channels``, ``image_size`` and
+    ``source_num_classes`` (cheap: the CLI reads them before any data is loaded).
+
+    Args:
+        batch_size: training batch size.
+        eval_batch_size: batch size of val / test / predict loaders (default: ``batch_size``).
+        num_workers: DataLoader workers.
+        val_fraction: fraction of each class held out for validation (of the training part, where the data
+            set has a predefined train / test split).
+        test_fraction: fraction of each class held out for test (ignored where the split is predefined).
+        split_seed: seed of the stratified split.
+        classes: keep only these classes, relabelled ``0 .. len(classes) - 1`` in the given order; two
+            classes give a binary task (DISC's classifier-discrepancy experiment).
+        train_transform: applied to training images (float tensors in [0, 1]).
+        eval_transform: applied to val / test / predict images.
+        predict_split: the split the predict loader reads.
+        pin_memory: pin loader memory (for GPUs).
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+        classes: list[int] | None = None,
+        train_transform: nn.Module | None = None,
+        eval_transform: nn.Module | None = None,
+        predict_split: str = "test",
+        pin_memory: bool = False,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if predict_split not in SPLITS:
+            raise ValueError(f"predict_split must be one of {SPLITS}, got {predict_split!r}")
+        if classes is not None and (len(classes) < 2 or len(set(classes)) != len(classes)):
+            raise ValueError(f"classes must list at least two distinct classes, got {classes}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.split_seed = split_seed
+        self.classes = list(classes) if classes is not None else None
+        self.train_transform = train_transform
+        self.eval_transform = eval_transform
+        self.predict_split = predict_split
+        self.pin_memory = pin_memory
+        self._source: LabelledImages | None = None
+        self._splits: dict[str, IndexedSamples] = {}
+
+    # -- data facts -------------------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def in_channels(self) -> int:
+        """Image channels."""
+
+    @property
+    @abc.abstractmethod
+    def image_size(self) -> int:
+        """Image height (= width)."""
+
+    @property
+    @abc.abstractmethod
+    def source_num_classes(self) -> int:
+        """Number of classes of the full data set, before any class subset."""
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes the DataModule yields (after a class subset / binary relabelling)."""
+        return len(self.classes) if self.classes is not None else self.source_num_classes
+
+    @abc.abstractmethod
+    def load_source(self) -> LabelledImages:
+        """Read the whole data set (labels now, images in memory or on demand)."""
+
+    # -- splits -----------------------------------------------------------------------------------------
+    def _label_map(self) -> Tensor:
+        """Lookup table from source labels to the labels this DataModule yields (-1 = dropped)."""
+        if self.classes is None:
+            return torch.arange(self.source_num_classes)
+        unknown = [c for c in self.classes if not 0 <= c < self.source_num_classes]
+        if unknown:
+            raise ValueError(
+                f"classes {unknown} are not classes of {type(self).__name__}, which has classes "
+                f"0..{self.source_num_classes - 1}"
+            )
+        label_map = torch.full((self.source_num_classes,), -1, dtype=torch.long)
+        label_map[torch.tensor(self.classes)] = torch.arange(len(self.classes))
+        return label_map
+
+    def split_codes(self, source: LabelledImages) -> Tensor:
+        """TRAIN / VAL / TEST code of every sample of ``source`` (UNASSIGNED where dropped by ``classes``)."""
+        label_map = self._label_map()
+        kept = label_map[source.labels] >= 0
+        codes = torch.full((len(source),), UNASSIGNED, dtype=torch.int8)
+        if source.predefined_split is None:
+            kept_codes = stratified_split(source.labels[kept], self.val_fraction, self.test_fraction, self.split_seed)
+        else:
+            kept_codes = source.predefined_split[kept].clone()
+            pool = kept_codes == TRAIN
+            if not (kept_codes == VAL).any() and self.val_fraction > 0:
+                carved = stratified_split(source.labels[kept][pool], self.val_fraction, 0.0, self.split_seed)
+                kept_codes[pool] = carved
+        codes[kept] = kept_codes
+        return codes
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._splits:
+            return
+        source = self.load_source()
+        codes = self.split_codes(source)
+        label_map = self._label_map()
+        for code, name in enumerate(SPLITS):
+            transform = self.train_transform if name == "train" else self.eval_transform
+            indices = torch.nonzero(codes == code).flatten()
+            self._splits[name] = IndexedSamples(source, indices, label_map, transform)
+        if len(self._splits["train"]) == 0:
+            raise ValueError(f"{type(self).__name__}: the training split is empty")
+        self._source = source
+
+    def dataset(self, split: str) -> IndexedSamples:
+        """The samples of ``split`` ("train", "val" or "test"); a test split left empty falls back to val."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.setup()
+        if split == "test" and len(self._splits["test"]) == 0:
+            return self._splits["val"]
+        return self._splits[split]
+
+    # -- loaders ----------------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.dataset("train"),
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            drop_last=len(self.dataset("train")) > self.batch_size,
+        )
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """A loader over ``split`` in index order; under DDP each rank reads a disjoint, unpadded share."""
+        dataset = self.dataset(split)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        sampler = UnpaddedDistributedSampler(dataset) if distributed else None
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.eval_dataloader(self.predict_split)
+
+
+def missing_files_error(dataset: str, root: Path, expected: Sequence[str], hint: str = "") -> FileNotFoundError:
+    """One error naming the files a data set needs and where they were looked for."""
+    lines = "\n  ".join(expected)
+    message = f"{dataset}: expected these files under {root.resolve()}:\n  {lines}"
+    return FileNotFoundError(message + (f"\n{hint}" if hint else ""))

@@ -1,0 +1,130 @@
+"""HDF5 data sets (``images`` uint8, ``labels``, optional ``attributes`` and ``split``) and a packer for them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor
+
+from cfx.data.base import SPLITS, UNASSIGNED, ImageDataModule, LabelledImages, missing_files_error
+
+
+class HDF5Images(LabelledImages):
+    """Images read on demand from an HDF5 file; the file handle is opened lazily in each process.
+
+    Layout: ``images`` (uint8, ``N x H x W`` or ``N x C x H x W``), ``labels`` (``N``), optional
+    ``attributes`` (``N x A``, with the names in the file attribute ``attribute_names``) and optional
+    ``split`` (``N``: 0 train, 1 val, 2 test, -1 unused).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file: h5py.File | None = None
+        with h5py.File(path, "r") as handle:
+            for key in ("images", "labels"):
+                if key not in handle:
+                    raise ValueError(f"{path}: the HDF5 file has no {key!r} dataset (it has {sorted(handle)})")
+            images = handle["images"]
+            if images.dtype != np.uint8 or images.ndim not in (3, 4):
+                raise ValueError(f"{path}: 'images' must be uint8 N x H x W or N x C x H x W, got {images.dtype} {images.shape}")
+            self.shape = images.shape if images.ndim == 4 else (images.shape[0], 1, *images.shape[1:])
+            self.labels = torch.from_numpy(handle["labels"][:].astype(np.int64))
+            if len(self.labels) != self.shape[0]:
+                raise ValueError(f"{path}: {self.shape[0]} images but {len(self.labels)} labels")
+            if "attributes" in handle:
+                self.attributes = torch.from_numpy(handle["attributes"][:].astype(np.float32))
+                self.attribute_names = tuple(str(n) for n in handle.attrs.get("attribute_names", ()))
+            if "split" in handle:
+                self.predefined_split = torch.from_numpy(handle["split"][:].astype(np.int8))
+
+    def load_image(self, index: int) -> Tensor:
+        if self._file is None:
+            self._file = h5py.File(self.path, "r")
+        return torch.from_numpy(self._file["images"][index]).reshape(self.shape[1:])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None}
+
+
+class HDF5(ImageDataModule):
+    """A DataModule over an HDF5 file in cfx's layout (see :func:`pack_hdf5`).
+
+    Args:
+        path: the ``.h5`` file.
+        num_classes: number of classes (default: ``max(label) + 1``, read from the file).
+        **kwargs: see :class:`~cfx.data.base.ImageDataModule`.
+    """
+
+    def __init__(self, path: str, num_classes: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise missing_files_error("HDF5", self.path.parent, [self.path.name])
+        with h5py.File(self.path, "r") as handle:
+            if "images" not in handle or "labels" not in handle:
+                raise ValueError(f"{self.path}: an HDF5 data set needs 'images' and 'labels' (it has {sorted(handle)})")
+            shape = handle["images"].shape
+            self._in_channels = shape[1] if len(shape) == 4 else 1
+            self._image_size = shape[-1]
+            self._num_classes = num_classes or int(handle["labels"][:].max()) + 1
+
+    @property
+    def in_channels(self) -> int:
+        return self._in_channels
+
+    @property
+    def image_size(self) -> int:
+        return self._image_size
+
+    @property
+    def source_num_classes(self) -> int:
+        return self._num_classes
+
+    def load_source(self) -> HDF5Images:
+        return HDF5Images(self.path)
+
+
+def pack_hdf5(datamodule: ImageDataModule, path: str | Path, chunk: int = 1024) -> Path:
+    """Write the samples of ``datamodule`` (its class subset, labels and split) into an HDF5 file.
+
+    The file is written next to ``path`` and renamed into place at the end, so a failure leaves nothing
+    half-written. Images are stored as the uint8 pixels of the source (no transforms).
+
+    Args:
+        datamodule: any cfx DataModule.
+        path: the output ``.h5`` file.
+        chunk: images read and written at a time.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    datamodule.setup()
+    source = datamodule.load_source()
+    codes = datamodule.split_codes(source)
+    kept = torch.nonzero(codes != UNASSIGNED).flatten()
+    label_map = datamodule._label_map()
+    shape = (len(kept), datamodule.in_channels, datamodule.image_size, datamodule.image_size)
+    partial = path.with_name(path.name + ".partial")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with h5py.File(partial, "w") as handle:
+            images = handle.create_dataset("images", shape, dtype=np.uint8, chunks=(1, *shape[1:]), compression="gzip")
+            for start in range(0, len(kept), chunk):
+                batch = kept[start : start + chunk]
+                images[start : start + len(batch)] = torch.stack([source.load_image(int(i)) for i in batch]).numpy()
+            handle["labels"] = label_map[source.labels[kept]].numpy()
+            handle["split"] = codes[kept].numpy()
+            handle["source_index"] = kept.numpy()
+            if source.attributes is not None:
+                handle["attributes"] = source.attributes[kept].numpy()
+                handle.attrs["attribute_names"] = list(source.attribute_names)
+            handle.attrs["splits"] = list(SPLITS)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
