@@ -76,7 +76,10 @@ def main(args: list[str] | None = None, run: bool = True) -> CfxCLI:
         run=run,
         trainer_defaults={
             "default_root_dir": "runs",
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": "runs"},
+            },
         },
         auto_configure_optimizers=False,
     )

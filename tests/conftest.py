@@ -65,12 +65,17 @@ def celeba_root(tmp_path: Path) -> Path:
     rows, partitions = [], []
     for i in range(12):
         name = f"{i + 1:06d}.jpg"
-        write_jpeg(torch.randint(0, 256, (3, 218, 178), dtype=torch.uint8, generator=generator), str(folder / "img_align_celeba" / name))
+        write_jpeg(
+            torch.randint(0, 256, (3, 218, 178), dtype=torch.uint8, generator=generator),
+            str(folder / "img_align_celeba" / name),
+        )
         values = ["1" if (i + j) % 3 == 0 else "-1" for j in range(40)]
         values[38] = "1" if i % 2 else "-1"
         rows.append(f"{name} " + " ".join(values))
         partitions.append(f"{name} {0 if i < 8 else 1 if i < 10 else 2}")
-    (folder / "list_attr_celeba.txt").write_text(f"{len(rows)}\n" + " ".join(CELEBA_ATTRIBUTES) + "\n" + "\n".join(rows) + "\n")
+    (folder / "list_attr_celeba.txt").write_text(
+        f"{len(rows)}\n" + " ".join(CELEBA_ATTRIBUTES) + "\n" + "\n".join(rows) + "\n"
+    )
     (folder / "list_eval_partition.txt").write_text("\n".join(partitions) + "\n")
     return root
 
@@ -84,10 +89,15 @@ def isic_root(tmp_path: Path) -> Path:
     lines = ["image,MEL,NV,BCC,AKIEC,BKL,DF,VASC"]
     for i in range(21):
         name = f"ISIC_{24306 + i:07d}"
-        write_jpeg(torch.full((3, 45, 60), 10 * i, dtype=torch.uint8), str(root / "ISIC2018_Task3_Training_Input" / f"{name}.jpg"))
+        write_jpeg(
+            torch.full((3, 45, 60), 10 * i, dtype=torch.uint8),
+            str(root / "ISIC2018_Task3_Training_Input" / f"{name}.jpg"),
+        )
         one_hot = ["1.0" if c == i % 7 else "0.0" for c in range(7)]
         lines.append(",".join([name, *one_hot]))
-    (root / "ISIC2018_Task3_Training_GroundTruth" / "ISIC2018_Task3_Training_GroundTruth.csv").write_text("\n".join(lines) + "\n")
+    (root / "ISIC2018_Task3_Training_GroundTruth" / "ISIC2018_Task3_Training_GroundTruth.csv").write_text(
+        "\n".join(lines) + "\n"
+    )
     return root
 
 

@@ -37,5 +37,10 @@ def run_distributed(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> 
     ``fn`` must be importable (a module-level function) and its result ``torch.save``-able.
     """
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_worker, args=(world_size, _free_port(), out_dir, fn, args), nprocs=world_size, start_method="spawn")
+        mp.start_processes(
+            _worker,
+            args=(world_size, _free_port(), out_dir, fn, args),
+            nprocs=world_size,
+            start_method="spawn",
+        )
         return [torch.load(Path(out_dir) / f"{rank}.pt", weights_only=False) for rank in range(world_size)]

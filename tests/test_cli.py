@@ -21,7 +21,12 @@ TRAINER_ONLY = {"trainer"}
 
 TINY = {
     "seed_everything": 0,
-    "trainer": {"max_epochs": 1, "accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False},
+    "trainer": {
+        "max_epochs": 1,
+        "accelerator": "cpu",
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    },
     "model": {
         "class_path": "cfx.tasks.ClassificationTask",
         "init_args": {
@@ -29,7 +34,10 @@ TINY = {
             "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}},
         },
     },
-    "data": {"class_path": "cfx.data.SyntheticImages", "init_args": {"num_samples": 120, "batch_size": 16, "in_channels": 2}},
+    "data": {
+        "class_path": "cfx.data.SyntheticImages",
+        "init_args": {"num_samples": 120, "batch_size": 16, "in_channels": 2},
+    },
 }
 
 
@@ -101,7 +109,16 @@ def test_interrupted_fit_resumes_from_the_saved_epoch(tmp_path, monkeypatch):
         main(["fit", "-c", str(config), "--checkpoint.dirpath=ckpt", *crash])
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert saved["epoch"] == 1
-    cli = main(["fit", "-c", str(config), "--checkpoint.dirpath=ckpt", "--ckpt_path=last", "--trainer.callbacks+=tests.test_cli.RecordStart"])
+    cli = main(
+        [
+            "fit",
+            "-c",
+            str(config),
+            "--checkpoint.dirpath=ckpt",
+            "--ckpt_path=last",
+            "--trainer.callbacks+=tests.test_cli.RecordStart",
+        ]
+    )
     steps_per_epoch = saved["global_step"] // 2
     recorder = next(cb for cb in cli.trainer.callbacks if isinstance(cb, RecordStart))
     assert recorder.start == (2, 2 * steps_per_epoch)
@@ -110,7 +127,9 @@ def test_interrupted_fit_resumes_from_the_saved_epoch(tmp_path, monkeypatch):
 
 def test_data_not_matching_the_network_is_a_clear_error():
     task = ClassificationTask(SmallCNN(in_channels=3, num_classes=3, image_size=32))
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
     with pytest.raises(ValueError, match=r"1 channel\(s\), the network expects 3.*16 px, the network was built for 32"):
         trainer.fit(task, SyntheticImages(num_samples=30, num_classes=3, in_channels=1, image_size=16))
 

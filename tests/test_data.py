@@ -4,7 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from cfx.data import HDF5, ISIC2018, MNIST, CelebA, EmbeddedMNIST, FashionMNIST, SyntheticImages, pack_hdf5, read_idx
+from cfx.data import (
+    HDF5,
+    ISIC2018,
+    MNIST,
+    CelebA,
+    EmbeddedMNIST,
+    FashionMNIST,
+    SyntheticImages,
+    pack_hdf5,
+    read_idx,
+)
 from cfx.data.base import TEST, TRAIN, VAL, UnpaddedDistributedSampler, stratified_split
 
 
@@ -70,7 +80,9 @@ def test_idx_reader_debian_and_torchvision_layouts(debian_fashion_root, torchvis
     np.testing.assert_array_equal(read_idx(root / "train-images-idx3-ubyte.gz"), arrays["train-images-idx3-ubyte"])
     fashion = FashionMNIST(root=str(root), val_fraction=0.1)
     fashion.setup()
-    assert len(fashion.dataset("test")) == 20 and len(fashion.dataset("val")) == 10 and len(fashion.dataset("train")) == 50  # 1 of 6 per class
+    assert (
+        len(fashion.dataset("test")) == 20 and len(fashion.dataset("val")) == 10 and len(fashion.dataset("train")) == 50
+    )  # 1 of 6 per class
     first_test = fashion.dataset("test")[0]
     assert int(first_test["index"]) == 60
     np.testing.assert_allclose(first_test["image"][0].numpy() * 255, arrays["t10k-images-idx3-ubyte"][0], atol=1e-3)
@@ -110,7 +122,11 @@ def test_missing_files_name_what_was_expected_and_where(tmp_path, module, expect
 def test_celeba_layout_target_attribute_and_partition(celeba_root):
     datamodule = CelebA(root=str(celeba_root), target_attribute="Smiling", image_size=32)
     datamodule.setup()
-    assert (len(datamodule.dataset("train")), len(datamodule.dataset("val")), len(datamodule.dataset("test"))) == (8, 2, 2)
+    assert (
+        len(datamodule.dataset("train")),
+        len(datamodule.dataset("val")),
+        len(datamodule.dataset("test")),
+    ) == (8, 2, 2)
     sample = datamodule.dataset("val")[1]
     assert sample["image"].shape == (3, 32, 32)
     index = int(sample["index"])
@@ -129,7 +145,9 @@ def test_isic_layout_one_hot_labels_and_stratified_split(isic_root):
     assert sorted(labels.tolist()) == list(range(7))
     sample = val[0]
     assert sample["image"].shape == (3, 24, 24)
-    assert torch.allclose(sample["image"], torch.full_like(sample["image"], 10 * int(sample["index"]) / 255), atol=3 / 255)
+    assert torch.allclose(
+        sample["image"], torch.full_like(sample["image"], 10 * int(sample["index"]) / 255), atol=3 / 255
+    )
     assert len(datamodule.dataset("test")) == 7  # no test split by default: test reads the 10 % hold-out
 
 
@@ -151,11 +169,13 @@ def test_hdf5_pack_round_trip_keeps_images_labels_and_splits(tmp_path, celeba_ro
     for split in ("train", "val", "test"):
         original, copy = _all_samples(source, split), _all_samples(packed, split)
         assert len(original) == len(copy) > 0
-        for a, b in zip(original, copy):
+        for a, b in zip(original, copy, strict=True):
             assert torch.equal(a["image"], b["image"]) and a["label"] == b["label"]
     celeba = CelebA(root=str(celeba_root), image_size=16)
     packed_celeba = HDF5(str(pack_hdf5(celeba, tmp_path / "celeba.h5")))
-    assert torch.equal(_all_samples(packed_celeba, "test")[0]["attributes"], _all_samples(celeba, "test")[0]["attributes"])
+    assert torch.equal(
+        _all_samples(packed_celeba, "test")[0]["attributes"], _all_samples(celeba, "test")[0]["attributes"]
+    )
 
 
 def test_hdf5_errors(tmp_path):
@@ -181,3 +201,22 @@ def test_synthetic_images_are_deterministic_and_in_range():
     assert torch.equal(a.load_source().images, b.load_source().images)
     sample = a.dataset("train")[0]
     assert sample["image"].shape == (1, 16, 16) and 0 <= sample["image"].min() and sample["image"].max() <= 1
+
+
+def test_cfx_pack_command_writes_a_datamodule(tmp_path, capsys):
+    from cfx.data.hdf5 import pack_main
+
+    output = tmp_path / "synthetic.h5"
+    pack_main(
+        [
+            "--data",
+            "cfx.data.SyntheticImages",
+            "--data.num_samples=30",
+            "--data.classes=[1, 2]",
+            "--output",
+            str(output),
+        ]
+    )
+    assert "wrote" in capsys.readouterr().out
+    packed = HDF5(str(output))
+    assert packed.num_classes == 2 and len(packed.load_source()) == 20

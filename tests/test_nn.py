@@ -48,7 +48,14 @@ def test_soft_spectral_norm_on_conv_uses_the_reshaped_matrix_and_freezes_in_eval
 
 
 def test_resnet_shapes_features_and_stage_maps():
-    network = ResNet(in_channels=1, num_classes=10, width=4, spectral_norm=True, activation="leaky_relu", avgpool_shortcut=True)
+    network = ResNet(
+        in_channels=1,
+        num_classes=10,
+        width=4,
+        spectral_norm=True,
+        activation="leaky_relu",
+        avgpool_shortcut=True,
+    )
     images = torch.rand(3, 1, 28, 28)
     features, stage_maps = network.forward_features(images)
     assert features.shape == (3, 32) and network.feature_dim == 32

@@ -64,7 +64,9 @@ class Explainer(abc.ABC):
         if images.min() < 0 or images.max() > 1:
             raise ValueError(f"images must lie in [0, 1], got values in [{images.min():.3g}, {images.max():.3g}]")
         if targets.shape != (images.shape[0],) or targets.is_floating_point():
-            raise ValueError(f"targets must be {images.shape[0]} integer class indices, got {targets.dtype} {tuple(targets.shape)}")
+            raise ValueError(
+                f"targets must be {images.shape[0]} integer class indices, got {targets.dtype} {tuple(targets.shape)}"
+            )
         num_classes = self.classifier.num_classes
         if ((targets < 0) | (targets >= num_classes)).any():
             raise ValueError(f"targets must be classes 0..{num_classes - 1} of the classifier, got {targets.tolist()}")

@@ -74,7 +74,14 @@ class CelebA(ImageDataModule):
     in_channels = 3
     source_num_classes = 2
 
-    def __init__(self, root: str = "data", target_attribute: str = "Smiling", image_size: int = 64, crop_size: int = 178, **kwargs):
+    def __init__(
+        self,
+        root: str = "data",
+        target_attribute: str = "Smiling",
+        image_size: int = 64,
+        crop_size: int = 178,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.root = Path(root)
         self.target_attribute = target_attribute
@@ -93,7 +100,11 @@ class CelebA(ImageDataModule):
             raise missing_files_error(
                 "CelebA",
                 self.root,
-                ["celeba/list_attr_celeba.txt", "celeba/list_eval_partition.txt", "celeba/img_align_celeba/*.jpg"],
+                [
+                    "celeba/list_attr_celeba.txt",
+                    "celeba/list_eval_partition.txt",
+                    "celeba/img_align_celeba/*.jpg",
+                ],
             )
         lines = attr_file.read_text().split("\n")
         names = tuple(lines[1].split())
@@ -111,7 +122,13 @@ class CelebA(ImageDataModule):
         split = torch.tensor([int(partition[name]) for name in files], dtype=torch.int8)
         labels = attributes[:, names.index(self.target_attribute)].long()
         return FileImages(
-            [image_dir / name for name in files], labels, self.image_size, self.crop_size, attributes, names, split
+            [image_dir / name for name in files],
+            labels,
+            self.image_size,
+            self.crop_size,
+            attributes,
+            names,
+            split,
         )
 
 
@@ -135,7 +152,14 @@ class ISIC2018(ImageDataModule):
     in_channels = 3
     source_num_classes = len(ISIC_CLASSES)
 
-    def __init__(self, root: str = "data", image_size: int = 96, val_fraction: float = 0.1, test_fraction: float = 0.0, **kwargs):
+    def __init__(
+        self,
+        root: str = "data",
+        image_size: int = 96,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.0,
+        **kwargs,
+    ):
         super().__init__(val_fraction=val_fraction, test_fraction=test_fraction, **kwargs)
         self.root = Path(root)
         self._image_size = image_size
@@ -152,7 +176,10 @@ class ISIC2018(ImageDataModule):
             raise missing_files_error(
                 "ISIC2018",
                 self.root,
-                [f"ISIC2018_Task3_Training_GroundTruth/{ISIC_CSV} (or {ISIC_CSV})", "ISIC2018_Task3_Training_Input/*.jpg"],
+                [
+                    f"ISIC2018_Task3_Training_GroundTruth/{ISIC_CSV} (or {ISIC_CSV})",
+                    "ISIC2018_Task3_Training_Input/*.jpg",
+                ],
             )
         with open(csv_path, newline="") as handle:
             reader = csv.DictReader(handle)
@@ -167,5 +194,7 @@ class ISIC2018(ImageDataModule):
         paths = [image_dir / f"{row['image']}.jpg" for row in rows]
         absent = [path for path in paths if not path.is_file()]
         if absent:
-            raise FileNotFoundError(f"ISIC2018: {len(absent)} images listed in {csv_path} are missing, e.g. {absent[0]}")
+            raise FileNotFoundError(
+                f"ISIC2018: {len(absent)} images listed in {csv_path} are missing, e.g. {absent[0]}"
+            )
         return FileImages(paths, one_hot.argmax(1), self.image_size)

@@ -8,6 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from jsonargparse import ArgumentParser
 from torch import Tensor
 
 from cfx.data.base import SPLITS, UNASSIGNED, ImageDataModule, LabelledImages, missing_files_error
@@ -30,7 +31,9 @@ class HDF5Images(LabelledImages):
                     raise ValueError(f"{path}: the HDF5 file has no {key!r} dataset (it has {sorted(handle)})")
             images = handle["images"]
             if images.dtype != np.uint8 or images.ndim not in (3, 4):
-                raise ValueError(f"{path}: 'images' must be uint8 N x H x W or N x C x H x W, got {images.dtype} {images.shape}")
+                raise ValueError(
+                    f"{path}: 'images' must be uint8 N x H x W or N x C x H x W, got {images.dtype} {images.shape}"
+                )
             self.shape = images.shape if images.ndim == 4 else (images.shape[0], 1, *images.shape[1:])
             self.labels = torch.from_numpy(handle["labels"][:].astype(np.int64))
             if len(self.labels) != self.shape[0]:
@@ -128,3 +131,21 @@ def pack_hdf5(datamodule: ImageDataModule, path: str | Path, chunk: int = 1024) 
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+def pack_main(args: list[str] | None = None) -> None:
+    """``cfx-pack``: write any DataModule, given as on the ``cfx`` command line, into an HDF5 file.
+
+    Example: ``cfx-pack --data cfx.data.FashionMNIST --data.classes "[0, 6]" --output data/shirts.h5``.
+
+    Args:
+        args: command-line arguments (default ``sys.argv[1:]``).
+    """
+    parser = ArgumentParser(description="Pack a cfx DataModule (its class subset, labels and split) into HDF5.")
+    parser.add_subclass_arguments(ImageDataModule, "data", required=True)
+    parser.add_argument("--output", type=str, required=True, help="the .h5 file to write")
+    config = parser.parse_args(args)
+    datamodule = parser.instantiate_classes(config).data
+    path = pack_hdf5(datamodule, config.output)
+    sizes = ", ".join(f"{len(datamodule.dataset(split))} {split}" for split in SPLITS)
+    print(f"wrote {path}: {sizes}")

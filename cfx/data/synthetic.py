@@ -56,6 +56,8 @@ class SyntheticImages(ImageDataModule):
         coarse = torch.rand(self._num_classes, self._in_channels, 4, 4, generator=generator)
         patterns = F.interpolate(coarse, size=self._image_size, mode="bilinear", align_corners=False)
         labels = torch.arange(self.num_samples) % self._num_classes
-        noise = self.noise * torch.randn(self.num_samples, self._in_channels, self._image_size, self._image_size, generator=generator)
+        noise = self.noise * torch.randn(
+            self.num_samples, self._in_channels, self._image_size, self._image_size, generator=generator
+        )
         images = (patterns[labels] + noise).clamp(0, 1)
         return TensorImages((images * 255).round().to(torch.uint8), labels)

@@ -6,4 +6,11 @@ from cfx.nn.resnet import ResNet
 from cfx.nn.spectral import SoftSpectralNorm, apply_soft_spectral_norm
 from cfx.nn.timm_model import TimmClassifier
 
-__all__ = ["FeatureClassifier", "ResNet", "SmallCNN", "SoftSpectralNorm", "TimmClassifier", "apply_soft_spectral_norm"]
+__all__ = [
+    "FeatureClassifier",
+    "ResNet",
+    "SmallCNN",
+    "SoftSpectralNorm",
+    "TimmClassifier",
+    "apply_soft_spectral_norm",
+]

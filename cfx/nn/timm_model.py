@@ -22,7 +22,14 @@ class TimmClassifier(FeatureClassifier):
         **timm_kwargs: further keyword arguments for ``timm.create_model``.
     """
 
-    def __init__(self, name: str, in_channels: int = 3, num_classes: int = 2, image_size: int | None = None, **timm_kwargs):
+    def __init__(
+        self,
+        name: str,
+        in_channels: int = 3,
+        num_classes: int = 2,
+        image_size: int | None = None,
+        **timm_kwargs,
+    ):
         super().__init__()
         if name not in timm.list_models():
             raise ValueError(f"unknown timm model {name!r}; see timm.list_models() for the available names")

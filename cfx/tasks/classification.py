@@ -38,7 +38,9 @@ class ClassificationTask(L.LightningModule):
         self.network = network
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
-        self.metrics = nn.ModuleDict({f"{stage}_metrics": self.stage_metrics(network.num_classes, stage) for stage in STAGES})
+        self.metrics = nn.ModuleDict(
+            {f"{stage}_metrics": self.stage_metrics(network.num_classes, stage) for stage in STAGES}
+        )
         self.losses = nn.ModuleDict({f"{stage}_loss": MeanMetric() for stage in STAGES})
 
     @staticmethod
@@ -79,7 +81,12 @@ class ClassificationTask(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         logits = self.network(batch["image"])
-        return {"index": batch["index"], "label": batch["label"], "logits": logits, "prediction": logits.argmax(1)}
+        return {
+            "index": batch["index"],
+            "label": batch["label"],
+            "logits": logits,
+            "prediction": logits.argmax(1),
+        }
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())
@@ -101,7 +108,9 @@ def check_data_matches(network: FeatureClassifier, datamodule) -> None:
         raise ValueError(f"{type(datamodule).__name__} does not match {type(network).__name__}: " + "; ".join(problems))
 
 
-def load_task_checkpoint(task_class: type[L.LightningModule], checkpoint: str | Path, map_location: str | torch.device = "cpu"):
+def load_task_checkpoint(
+    task_class: type[L.LightningModule], checkpoint: str | Path, map_location: str | torch.device = "cpu"
+):
     """``task_class.load_from_checkpoint`` with one clear error for a missing, corrupt or foreign file.
 
     Args:
