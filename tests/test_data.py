@@ -132,6 +132,11 @@ def test_celeba_layout_target_attribute_and_partition(celeba_root):
     index = int(sample["index"])
     assert index == 9 and int(sample["label"]) == 1  # odd rows smile in the fixture
     assert sample["attributes"].shape == (40,) and float(sample["attributes"][39]) == float((index + 39) % 3 == 0)
+    pair = CelebA(root=str(celeba_root), target_attribute=["Smiling", "Young"], image_size=16)
+    pair.setup()
+    assert pair.num_classes == 4
+    sample = pair.dataset("val")[1]
+    assert int(sample["label"]) == 1 + 2 * int((9 + 39) % 3 == 0)
     with pytest.raises(ValueError, match="no attribute 'Grinning'"):
         CelebA(root=str(celeba_root), target_attribute="Grinning").setup()
 

@@ -65,32 +65,38 @@ class CelebA(ImageDataModule):
 
     Args:
         root: the directory holding ``celeba/``.
-        target_attribute: the attribute used as the binary label, e.g. ``"Smiling"``.
+        target_attribute: the attribute used as the binary label, e.g. ``"Smiling"``; a list of k attributes
+            gives 2^k classes, label = sum of 2^i over the attributes i that are present.
         image_size: output size (64, 96 or 128 in the papers).
         crop_size: centre crop of the 178 x 218 aligned images before resizing.
         **kwargs: see :class:`~cfx.data.base.ImageDataModule`.
     """
 
     in_channels = 3
-    source_num_classes = 2
 
     def __init__(
         self,
         root: str = "data",
-        target_attribute: str = "Smiling",
+        target_attribute: str | list[str] = "Smiling",
         image_size: int = 64,
         crop_size: int = 178,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.root = Path(root)
-        self.target_attribute = target_attribute
+        self.target_attributes = [target_attribute] if isinstance(target_attribute, str) else list(target_attribute)
+        if not self.target_attributes or len(set(self.target_attributes)) != len(self.target_attributes):
+            raise ValueError(f"target_attribute must name one or more distinct attributes, got {target_attribute}")
         self._image_size = image_size
         self.crop_size = crop_size
 
     @property
     def image_size(self) -> int:
         return self._image_size
+
+    @property
+    def source_num_classes(self) -> int:
+        return 2 ** len(self.target_attributes)
 
     def load_source(self) -> FileImages:
         folder = _celeba_dir(self.root)
@@ -108,8 +114,9 @@ class CelebA(ImageDataModule):
             )
         lines = attr_file.read_text().split("\n")
         names = tuple(lines[1].split())
-        if self.target_attribute not in names:
-            raise ValueError(f"CelebA has no attribute {self.target_attribute!r}; its attributes are {names}")
+        unknown = [name for name in self.target_attributes if name not in names]
+        if unknown:
+            raise ValueError(f"CelebA has no attribute {unknown[0]!r}; its attributes are {names}")
         rows = [line.split() for line in lines[2:] if line.strip()]
         if int(lines[0]) != len(rows) or any(len(row) != len(names) + 1 for row in rows):
             raise ValueError(f"{attr_file}: expected {lines[0].strip()} rows of a file name and {len(names)} values")
@@ -120,7 +127,8 @@ class CelebA(ImageDataModule):
         if missing:
             raise ValueError(f"{partition_file} has no partition for {len(missing)} images, e.g. {missing[0]}")
         split = torch.tensor([int(partition[name]) for name in files], dtype=torch.int8)
-        labels = attributes[:, names.index(self.target_attribute)].long()
+        columns = [names.index(name) for name in self.target_attributes]
+        labels = (attributes[:, columns].long() * 2 ** torch.arange(len(columns))).sum(1)
         return FileImages(
             [image_dir / name for name in files],
             labels,
