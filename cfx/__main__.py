@@ -1,3 +1,3 @@
-from cfx.cli import main
+from cfx.cli import run
 
-main()
+run()

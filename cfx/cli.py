@@ -83,3 +83,8 @@ def main(args: list[str] | None = None, run: bool = True) -> CfxCLI:
         },
         auto_configure_optimizers=False,
     )
+
+
+def run() -> None:
+    """Console entry point of ``cfx`` and ``python -m cfx`` (exits with status 0 on success)."""
+    main()

@@ -86,6 +86,20 @@ def test_help_works(command):
     assert "fit" in result.stdout and "test" in result.stdout
 
 
+def test_cfx_command_exits_with_status_zero_after_a_run(tmp_path):
+    config = _write_config(tmp_path)
+    executable = Path(sys.executable).parent / "cfx"
+    result = subprocess.run(
+        [str(executable), "fit", "-c", str(config), "--checkpoint.dirpath=ckpt"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+
+
 def test_fit_links_data_facts_writes_last_checkpoint_and_reloads(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = main(["fit", "-c", str(_write_config(tmp_path)), "--checkpoint.dirpath=ckpt"])

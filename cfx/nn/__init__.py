@@ -2,15 +2,29 @@
 
 from cfx.nn.classifier import FeatureClassifier
 from cfx.nn.cnn import SmallCNN
+from cfx.nn.duq import DUQClassifier, DUQHead, duq_uncertainty, gradient_penalty, kernel_margin_loss
+from cfx.nn.gaussian import ClassGaussians, class_feature_statistics, fit_class_gaussians
+from cfx.nn.loss_predictor import LossPredictingClassifier, LossPredictor, pairwise_ranking_loss
 from cfx.nn.resnet import ResNet
 from cfx.nn.spectral import SoftSpectralNorm, apply_soft_spectral_norm
 from cfx.nn.timm_model import TimmClassifier
 
 __all__ = [
+    "ClassGaussians",
+    "DUQClassifier",
+    "DUQHead",
     "FeatureClassifier",
+    "LossPredictingClassifier",
+    "LossPredictor",
     "ResNet",
     "SmallCNN",
     "SoftSpectralNorm",
     "TimmClassifier",
     "apply_soft_spectral_norm",
+    "class_feature_statistics",
+    "duq_uncertainty",
+    "fit_class_gaussians",
+    "gradient_penalty",
+    "kernel_margin_loss",
+    "pairwise_ranking_loss",
 ]

@@ -3,8 +3,25 @@
 from cfx.tasks.classification import (
     ClassificationTask,
     check_data_matches,
+    checkpoint_task_class,
     load_classifier,
     load_task_checkpoint,
 )
+from cfx.tasks.ddu import FitClassGaussians, fit_and_save_class_gaussians, load_classifier_and_gaussians
+from cfx.tasks.dep import DEPTask, load_loss_predicting_classifier
+from cfx.tasks.duq import DUQTask, load_duq_classifier
 
-__all__ = ["ClassificationTask", "check_data_matches", "load_classifier", "load_task_checkpoint"]
+__all__ = [
+    "ClassificationTask",
+    "DEPTask",
+    "DUQTask",
+    "FitClassGaussians",
+    "check_data_matches",
+    "checkpoint_task_class",
+    "fit_and_save_class_gaussians",
+    "load_classifier",
+    "load_classifier_and_gaussians",
+    "load_duq_classifier",
+    "load_loss_predicting_classifier",
+    "load_task_checkpoint",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import lightning as L
@@ -134,8 +135,40 @@ def load_task_checkpoint(
         ) from error
 
 
+def checkpoint_task_class(checkpoint: str | Path) -> type[L.LightningModule]:
+    """The task class a ``cfx fit`` checkpoint was written by (recorded by the CLI as ``_class_path``).
+
+    Args:
+        checkpoint: path of the ``.ckpt`` file.
+
+    Returns:
+        That class, or :class:`ClassificationTask` for checkpoints of tasks built in Python.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path.resolve()} (train one with `cfx fit -c <config>`)")
+    try:
+        hyper_parameters = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    except Exception as error:
+        raise ValueError(f"{path} is not a readable cfx checkpoint ({type(error).__name__}: {error})") from error
+    class_path = hyper_parameters.get("_class_path")
+    if class_path is None:
+        return ClassificationTask
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        task_class = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"{path} was written by {class_path}, which cannot be imported ({error})") from error
+    if not (isinstance(task_class, type) and issubclass(task_class, L.LightningModule)):
+        raise ValueError(f"{path} was written by {class_path}, which is not a LightningModule")
+    return task_class
+
+
 def load_classifier(checkpoint: str | Path, map_location: str | torch.device = "cpu") -> FeatureClassifier:
-    """Load the network of a ClassificationTask checkpoint as a plain ``nn.Module`` in eval mode.
+    """Load the ``network`` of a cfx task checkpoint as a plain ``nn.Module`` in eval mode.
+
+    Works for every task with a ``network`` (ClassificationTask, DEPTask, DUQTask ...): the task class is read
+    from the checkpoint.
 
     Args:
         checkpoint: path of a ``.ckpt`` written by ``cfx fit``.
@@ -144,6 +177,10 @@ def load_classifier(checkpoint: str | Path, map_location: str | torch.device = "
     Returns:
         The classifier, in eval mode, with gradients of its parameters disabled.
     """
-    network = load_task_checkpoint(ClassificationTask, checkpoint, map_location).network.eval()
+    task = load_task_checkpoint(checkpoint_task_class(checkpoint), checkpoint, map_location)
+    network = getattr(task, "network", None)
+    if not isinstance(network, FeatureClassifier):
+        raise ValueError(f"{checkpoint} holds a {type(task).__name__}, which has no FeatureClassifier `network`")
+    network = network.eval()
     network.requires_grad_(False)
     return network
