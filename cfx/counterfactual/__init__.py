@@ -1,0 +1,9 @@
+"""Counterfactual explainers (pure torch): ``Method(classifier, ...).explain(images, targets)``."""
+
+from cfx.counterfactual.base import CounterfactualResult, Explainer
+from cfx.counterfactual.deduce import DeDUCE
+from cfx.counterfactual.disc import DISC, load_loss_predictor
+from cfx.counterfactual.jsma import JSMA
+from cfx.counterfactual.wachter import Wachter
+
+__all__ = ["DISC", "JSMA", "CounterfactualResult", "DeDUCE", "Explainer", "Wachter", "load_loss_predictor"]

@@ -9,8 +9,6 @@ feature dimensions never crash.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from cfx.io import atomic_torch_save
 from cfx.nn.classifier import FeatureClassifier
 
 JITTER_LADDER: tuple[float, ...] = (0.0, *(10.0**exponent for exponent in range(-308, 0)))
@@ -146,22 +145,13 @@ class ClassGaussians(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """Write the Gaussians to ``path`` atomically (a temporary file in the same folder, then ``os.replace``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "format": FILE_FORMAT,
             "means": self.means.cpu(),
             "covariances": self.covariances.cpu(),
             "jitter": self.jitter.cpu(),
         }
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            torch.save(payload, temporary)
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+        atomic_torch_save(payload, path)
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> ClassGaussians:

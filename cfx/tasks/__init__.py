@@ -7,12 +7,14 @@ from cfx.tasks.classification import (
     load_classifier,
     load_task_checkpoint,
 )
+from cfx.tasks.counterfactual import CounterfactualTask, load_counterfactual_results
 from cfx.tasks.ddu import FitClassGaussians, fit_and_save_class_gaussians, load_classifier_and_gaussians
 from cfx.tasks.dep import DEPTask, load_loss_predicting_classifier
 from cfx.tasks.duq import DUQTask, load_duq_classifier
 
 __all__ = [
     "ClassificationTask",
+    "CounterfactualTask",
     "DEPTask",
     "DUQTask",
     "FitClassGaussians",
@@ -21,6 +23,7 @@ __all__ = [
     "fit_and_save_class_gaussians",
     "load_classifier",
     "load_classifier_and_gaussians",
+    "load_counterfactual_results",
     "load_duq_classifier",
     "load_loss_predicting_classifier",
     "load_task_checkpoint",

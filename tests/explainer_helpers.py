@@ -1,0 +1,173 @@
+"""Tiny classifiers and checks shared by the explainer tests (test_deduce.py, test_jsma.py, test_wachter.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Subset
+
+from cfx.counterfactual import CounterfactualResult, Explainer
+from cfx.data import EmbeddedMNIST
+from cfx.nn import ClassGaussians, FeatureClassifier
+
+
+class LinearFeatureClassifier(FeatureClassifier):
+    """``z = W_f flatten(x)``, ``logits = W_c z + b``: gradients in closed form."""
+
+    def __init__(self, feature_weight: Tensor, class_weight: Tensor, class_bias: Tensor, channels: int, size: int):
+        super().__init__()
+        self.in_channels, self.image_size = channels, size
+        self.feature_dim, self.num_classes = feature_weight.shape[0], class_weight.shape[0]
+        self.stage_channels = (channels,)
+        self.features = nn.Linear(feature_weight.shape[1], self.feature_dim, bias=False)
+        self.head = nn.Linear(self.feature_dim, self.num_classes)
+        with torch.no_grad():
+            self.features.weight.copy_(feature_weight)
+            self.head.weight.copy_(class_weight)
+            self.head.bias.copy_(class_bias)
+
+    def forward_features(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        return self.features(images.flatten(1)), [images]
+
+    def classify(self, features: Tensor) -> Tensor:
+        return self.head(features)
+
+
+class MLPClassifier(FeatureClassifier):
+    """flatten -> Linear -> LeakyReLU -> Linear -> LeakyReLU (features) -> Linear: trains on MNIST in a second."""
+
+    def __init__(self, size: int = 28, hidden: int = 128, features: int = 32, classes: int = 10):
+        super().__init__()
+        self.in_channels, self.image_size, self.num_classes, self.feature_dim = 1, size, classes, features
+        self.stage_channels = (hidden,)
+        self.body = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(size * size, hidden),
+            nn.LeakyReLU(0.01),
+            nn.Linear(hidden, features),
+            nn.LeakyReLU(0.01),
+        )
+        self.head = nn.Linear(features, classes)
+
+    def forward_features(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        features = self.body(images)
+        return features, [features]
+
+    def classify(self, features: Tensor) -> Tensor:
+        return self.head(features)
+
+
+def trained_mnist_mlp(num_test: int = 20) -> tuple[MLPClassifier, dict[str, Tensor], dict[str, Tensor]]:
+    """An MLP trained for 5 epochs on the embedded MNIST training split (~95 % test accuracy, ~2 s).
+
+    Returns:
+        ``(classifier, train_batch, test_batch)``: the classifier in eval mode, the whole training split and the
+        first ``num_test`` test samples as cfx dict batches.
+    """
+    datamodule = EmbeddedMNIST()
+    datamodule.setup()
+    train_set, test_set = datamodule.dataset("train"), datamodule.dataset("test")
+    train = next(iter(DataLoader(train_set, batch_size=len(train_set))))
+    test = next(iter(DataLoader(Subset(test_set, range(num_test)), batch_size=num_test)))
+    torch.manual_seed(0)
+    classifier = MLPClassifier()
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=2e-3)
+    for _ in range(5):
+        for start in range(0, len(train_set), 50):
+            batch = slice(start, start + 50)
+            loss = F.cross_entropy(classifier(train["image"][batch]), train["label"][batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return classifier.eval(), train, test
+
+
+def linear_classifier(
+    seed: int = 0, channels: int = 1, size: int = 4, features: int = 5, classes: int = 3
+) -> LinearFeatureClassifier:
+    """A seeded linear classifier with generic (tie-free) weights."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = channels * size * size
+    return LinearFeatureClassifier(
+        torch.randn(features, pixels, generator=generator),
+        torch.randn(classes, features, generator=generator),
+        torch.randn(classes, generator=generator),
+        channels,
+        size,
+    ).eval()
+
+
+def random_gaussians(num_classes: int, feature_dim: int, seed: int = 0) -> ClassGaussians:
+    """Gaussians with random means and random well-conditioned covariances."""
+    generator = torch.Generator().manual_seed(seed)
+    means = torch.randn(num_classes, feature_dim, generator=generator, dtype=torch.float64)
+    factors = torch.randn(num_classes, feature_dim, feature_dim, generator=generator, dtype=torch.float64)
+    covariances = factors @ factors.transpose(1, 2) / feature_dim + torch.eye(feature_dim, dtype=torch.float64)
+    return ClassGaussians(means, covariances, torch.zeros(num_classes, dtype=torch.float64))
+
+
+class ConvClassifier(FeatureClassifier):
+    """conv 3x3 -> LeakyReLU -> flatten -> Linear (features) -> LeakyReLU -> Linear: batched convolutions, and
+    (unlike a globally pooled CNN at random init) logits that depend strongly on the input."""
+
+    def __init__(self, size: int = 8, channels: int = 4, features: int = 6, classes: int = 3):
+        super().__init__()
+        self.in_channels, self.image_size, self.num_classes, self.feature_dim = 1, size, classes, features
+        self.stage_channels = (channels,)
+        self.conv = nn.Conv2d(1, channels, 3, padding=1)
+        self.features = nn.Linear(channels * size * size, features)
+        self.head = nn.Linear(features, classes)
+
+    def forward_features(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        maps = F.leaky_relu(self.conv(images), 0.01)
+        return F.leaky_relu(self.features(maps.flatten(1)), 0.01), [maps]
+
+    def classify(self, features: Tensor) -> Tensor:
+        return self.head(features)
+
+
+def tiny_cnn(seed: int = 0) -> ConvClassifier:
+    """A randomly initialised 3-class conv classifier on 1x8x8 images with spread-out logits, in eval mode."""
+    torch.manual_seed(seed)
+    network = ConvClassifier().eval()
+    with torch.no_grad():
+        network.features.weight.mul_(3)  # spread features and logits: a few steps can change the prediction,
+        network.head.weight.mul_(30)  # so the batch tests mix successes, failures and unchanged queries
+    return network
+
+
+def queries(classifier: FeatureClassifier, count: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``count`` random images in [0, 1] (some pixels exactly 0 or 1) and targets, a few equal to the prediction."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (count, classifier.in_channels, classifier.image_size, classifier.image_size)
+    images = (torch.rand(shape, generator=generator) * 1.4 - 0.2).clamp(0, 1)
+    targets = torch.randint(0, classifier.num_classes, (count,), generator=generator)
+    with torch.no_grad():
+        predictions = classifier(images).argmax(1)
+    targets[:3] = predictions[:3]
+    return images, targets
+
+
+def assert_batch_invariant(explainer: Explainer, images: Tensor, targets: Tensor, tolerance: float = 1e-6) -> None:
+    """A batched ``explain`` equals one call per query (up to ``tolerance``)."""
+    batch = explainer.explain(images, targets)
+    singles = [explainer.explain(images[i : i + 1], targets[i : i + 1]) for i in range(len(images))]
+    for name in ("counterfactuals", "target_probability", "path"):
+        batched = getattr(batch, name)
+        if batched is None:
+            assert all(getattr(single, name) is None for single in singles)
+            continue
+        stacked = torch.cat([getattr(single, name) for single in singles])
+        torch.testing.assert_close(batched, stacked, atol=tolerance, rtol=0)
+    for name in ("success", "original_prediction", "iterations"):
+        assert torch.equal(getattr(batch, name), torch.cat([getattr(single, name) for single in singles])), name
+
+
+def assert_unchanged_where_predicted(result: CounterfactualResult, images: Tensor, targets: Tensor) -> None:
+    """Queries whose target is the prediction come back unchanged, successful, after 0 iterations."""
+    same = result.original_prediction == targets
+    assert same.any()
+    assert torch.equal(result.counterfactuals[same], images[same])
+    assert result.success[same].all()
+    assert (result.iterations[same] == 0).all()

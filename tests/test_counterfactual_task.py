@@ -1,0 +1,302 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from cfx.cli import main
+from cfx.counterfactual.base import CounterfactualResult, Explainer
+from cfx.data import EmbeddedMNIST, SyntheticImages
+from cfx.metrics import intersection_table
+from cfx.metrics.functional import concentration, l0_distance, l1_distance, mse
+from cfx.nn import SmallCNN
+from cfx.tasks import ClassificationTask, CounterfactualTask, fit_and_save_class_gaussians, load_classifier
+from cfx.tasks.counterfactual import load_counterfactual_results, random_targets
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 3
+
+
+class PatchExplainer(Explainer):
+    """A deterministic stand-in explainer: brightens a target-dependent patch; its outcome depends on the pair only."""
+
+    def __init__(self, classifier, strength: float = 0.5):
+        super().__init__(classifier)
+        self.strength = strength
+
+    def explain(self, images, targets, indices=None):
+        self.check_query(images, targets)
+        indices = torch.arange(len(images)) if indices is None else indices
+        counterfactuals = images.clone()
+        for target in range(self.classifier.num_classes):  # a loop over classes, not samples
+            rows = targets == target
+            counterfactuals[rows, :, 2 * target : 2 * target + 3, 1:4] += self.strength
+        counterfactuals = counterfactuals.clamp(0, 1)
+        with torch.no_grad():
+            probabilities = self.classifier(counterfactuals).softmax(1)
+            original_prediction = self.classifier(images).argmax(1)
+        return CounterfactualResult(
+            counterfactuals=counterfactuals,
+            success=(indices + targets) % 3 != 0,
+            target_probability=probabilities.gather(1, targets[:, None]).squeeze(1),
+            original_prediction=original_prediction,
+            iterations=indices % 5 + targets,
+        )
+
+
+def _synthetic(**kwargs) -> SyntheticImages:
+    return SyntheticImages(num_samples=150, num_classes=NUM_CLASSES, noise=0.3, batch_size=16, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def classifier_checkpoint(tmp_path_factory) -> Path:
+    """A SmallCNN trained for a few steps on SyntheticImages, saved as a ClassificationTask checkpoint."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("classifier") / "last.ckpt"
+    task = ClassificationTask(SmallCNN(in_channels=1, num_classes=NUM_CLASSES, channels=(4, 8), hidden=16))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=8,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(task, _synthetic())
+    trainer.save_checkpoint(path)
+    return path
+
+
+def _config(tmp_path: Path, checkpoint: Path, **task_args) -> Path:
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "inference_mode": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+        },
+        "model": {
+            "class_path": "cfx.tasks.CounterfactualTask",
+            "init_args": {
+                "classifier": str(checkpoint),
+                "explainer": {"class_path": "tests.test_counterfactual_task.PatchExplainer"},
+                "output_dir": str(tmp_path / "out"),
+                **task_args,
+            },
+        },
+        "data": {
+            "class_path": "cfx.data.SyntheticImages",
+            "init_args": {"num_samples": 150, "num_classes": NUM_CLASSES, "noise": 0.3, "eval_batch_size": 4},
+        },
+    }
+    path = tmp_path / "counterfactual.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _queries(count: int) -> dict[str, torch.Tensor]:
+    """The first ``count`` test samples of the synthetic data, in data set order."""
+    dataset = _synthetic().dataset("test")
+    samples = [dataset[i] for i in range(count)]
+    return {key: torch.stack([sample[key] for sample in samples]) for key in ("image", "label", "index")}
+
+
+def test_cli_test_runs_every_other_target_and_writes_the_results(classifier_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = main(["test", "-c", str(_config(tmp_path, classifier_checkpoint, max_queries=10, grid_size=5))])
+    classifier = load_classifier(classifier_checkpoint)
+    queries = _queries(10)
+    predictions = classifier(queries["image"]).argmax(1)
+    expected_pairs = sorted(
+        (int(index), target)
+        for index, prediction in zip(queries["index"], predictions, strict=True)
+        for target in range(NUM_CLASSES)
+        if target != prediction
+    )
+    results = load_counterfactual_results(tmp_path / "out" / "counterfactuals.pt")
+    pairs = list(zip(results["index"].tolist(), results["target"].tolist(), strict=True))
+    assert pairs == expected_pairs  # 2 pairs per query, ordered by (index, target)
+    position = {int(index): n for n, index in enumerate(queries["index"])}
+    rows = torch.tensor([position[index] for index, _ in pairs])
+    assert torch.equal(results["originals"], queries["image"][rows])
+    assert torch.equal(results["label"], queries["label"][rows])
+    assert torch.equal(results["original_prediction"], predictions[rows])
+    # one batched call of the explainer over all pairs gives the same results as the task's batches of 4 queries
+    direct = PatchExplainer(classifier).explain(results["originals"], results["target"], results["index"])
+    assert torch.equal(results["counterfactuals"], direct.counterfactuals)
+    assert torch.equal(results["success"], direct.success)
+    assert torch.allclose(results["target_probability"], direct.target_probability)
+    x, y, success = results["originals"], results["counterfactuals"], results["success"]
+    assert torch.equal(results["l0"], l0_distance(x, y)) and torch.equal(results["concentration"], concentration(x, y))
+    metrics = cli.trainer.callback_metrics
+    assert metrics["test/pairs"] == len(pairs)
+    assert metrics["test/validity"] == pytest.approx(success.double().mean().item())
+    assert metrics["test/l1"] == pytest.approx(l1_distance(x, y)[success].mean().item())
+    assert metrics["test/mse"] == pytest.approx(mse(x, y)[success].mean().item())
+    assert metrics["test/iterations"] == pytest.approx(results["iterations"][success].double().mean().item())
+    assert metrics["test/target_confidence"] == pytest.approx(results["target_probability"][success].mean().item())
+    assert metrics["test/seconds_per_counterfactual"] > 0 and "test/nll" not in metrics
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert written["method"] == "PatchExplainer" and written["metrics"]["pairs"] == len(pairs)
+    assert results["summary"] == written["metrics"]
+    with Image.open(tmp_path / "out" / "grid.png") as grid:  # 5 rows x 3 columns of 16 px images, 2 px padding
+        assert grid.size == (3 * 18 + 2, 5 * 18 + 2)
+    assert not (tmp_path / "out" / ".shards").exists()
+    alone = intersection_table({"patch": results})["patch"]  # a result file is a record
+    assert alone["pairs"] == success.sum() and alone["l1"] == pytest.approx(metrics["test/l1"].item())
+
+
+def _task(checkpoint: Path, **kwargs) -> CounterfactualTask:
+    return CounterfactualTask(str(checkpoint), PatchExplainer, **kwargs)
+
+
+def test_target_modes_produce_the_right_pairs(classifier_checkpoint):
+    indices = torch.tensor([10, 11, 12, 13])
+    labels = torch.tensor([0, 1, 2, 2])
+    predictions = torch.tensor([0, 2, 2, 1])
+    others = _task(classifier_checkpoint).make_pairs(indices, predictions, predictions)
+    assert sorted(zip(*(t.tolist() for t in others), strict=True)) == [
+        (0, 1), (0, 2), (1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (3, 2)
+    ]  # fmt: skip
+    by_label = _task(classifier_checkpoint, query_class="label").make_pairs(indices, labels, predictions)
+    # query 1 (label 1, predicted 2) keeps only target 0: its target 2 already is the prediction
+    assert sorted(zip(*(t.tolist() for t in by_label), strict=True)) == [(0, 1), (0, 2), (1, 0), (2, 0), (2, 1), (3, 0)]
+    fixed = _task(classifier_checkpoint, targets="fixed", target_class=2).make_pairs(indices, predictions, predictions)
+    assert fixed[0].tolist() == [0, 3] and fixed[1].tolist() == [2, 2]
+    mapping = _task(classifier_checkpoint, targets="mapping", target_mapping={0: 1, 2: 0})
+    assert [t.tolist() for t in mapping.make_pairs(indices, labels, predictions)] == [[0, 2, 3], [1, 0, 0]]
+    random = _task(classifier_checkpoint, targets="random", seed=3)
+    positions, targets = random.make_pairs(indices, predictions, predictions)
+    assert positions.tolist() == [0, 1, 2, 3] and (targets != predictions).all()
+    singles = [
+        random.make_pairs(indices[i : i + 1], predictions[i : i + 1], predictions[i : i + 1])[1] for i in range(4)
+    ]
+    assert torch.cat(singles).tolist() == targets.tolist()  # seeded by the index: independent of the batch
+
+
+def test_random_targets_are_seeded_uniform_and_never_the_class():
+    indices = torch.arange(5000)
+    classes = indices % 10
+    targets = random_targets(indices, classes, 10, seed=0)
+    assert not (targets == classes).any()
+    counts = torch.bincount(torch.remainder(targets - classes, 10), minlength=10)
+    assert counts[0] == 0 and (counts[1:] - 5000 / 9).abs().max() < 5 * (5000 / 9) ** 0.5  # within 5 sigma
+    assert torch.equal(random_targets(indices, classes, 10, seed=0), targets)
+    assert (random_targets(indices, classes, 10, seed=1) != targets).float().mean() > 0.8
+    assert torch.equal(random_targets(indices.flip(0), classes.flip(0), 10, seed=0), targets.flip(0))
+    assert set(random_targets(indices, indices % 2, 2, seed=5).tolist()) == {0, 1}
+
+
+def test_bad_options_are_clear_errors(classifier_checkpoint):
+    with pytest.raises(ValueError, match="target_class goes with targets='fixed'"):
+        _task(classifier_checkpoint, targets="fixed")
+    with pytest.raises(ValueError, match="target_mapping goes with targets='mapping'"):
+        _task(classifier_checkpoint, target_mapping={0: 1})
+    with pytest.raises(ValueError, match=r"classes 0..2 of the classifier"):
+        _task(classifier_checkpoint, targets="fixed", target_class=3)
+    with pytest.raises(ValueError, match="must build a cfx.counterfactual.Explainer"):
+        CounterfactualTask(str(classifier_checkpoint), lambda classifier: classifier)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        CounterfactualTask("absent.ckpt", PatchExplainer)
+
+
+def test_grad_disabled_trainer_is_a_clear_error(classifier_checkpoint, tmp_path):
+    task = _task(classifier_checkpoint, output_dir=str(tmp_path / "out"), max_queries=4)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(RuntimeError, match="inference_mode: false"):
+        trainer.test(task, _synthetic(eval_batch_size=4), verbose=False)
+
+
+def test_predict_returns_and_writes_fixed_target_pairs(classifier_checkpoint, tmp_path):
+    task = _task(
+        classifier_checkpoint, output_dir=str(tmp_path / "out"), max_queries=9, targets="fixed", target_class=1
+    )
+    trainer = L.Trainer(accelerator="cpu", inference_mode=False, logger=False, enable_progress_bar=False)
+    batches = trainer.predict(task, _synthetic(eval_batch_size=4))
+    returned = torch.cat([batch["index"] for batch in batches if batch])
+    results = load_counterfactual_results(tmp_path / "out" / "counterfactuals.pt")
+    predictions = load_classifier(classifier_checkpoint)(_queries(9)["image"]).argmax(1)
+    assert results["index"].tolist() == returned.tolist() == _queries(9)["index"][predictions != 1].tolist()
+    assert (results["target"] == 1).all() and (results["original_prediction"] != 1).all()
+    summary = json.loads((tmp_path / "out" / "metrics.json").read_text())["metrics"]
+    assert summary["pairs"] == len(returned) and summary["validity"] == results["success"].double().mean().item()
+
+
+def test_missing_corrupt_and_foreign_result_files_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no counterfactual results at"):
+        load_counterfactual_results(tmp_path / "absent.pt")
+    (tmp_path / "corrupt.pt").write_bytes(b"\x80\x04 truncated")
+    with pytest.raises(ValueError, match="not a readable counterfactual results file"):
+        load_counterfactual_results(tmp_path / "corrupt.pt")
+    torch.save({"format": "something else"}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="not a counterfactual results file"):
+        load_counterfactual_results(tmp_path / "foreign.pt")
+    torch.save({"format": "cfx.CounterfactualResults", "index": torch.arange(3)}, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="incomplete: missing"):
+        load_counterfactual_results(tmp_path / "partial.pt")
+
+
+def _test_trainer(devices: int) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        inference_mode=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+@pytest.mark.ddp
+def test_two_process_run_equals_one_process(classifier_checkpoint, tmp_path):
+    # 13 queries in batches of 3: the two processes get 7 and 6 queries, in batches of uneven size
+    results, metrics = {}, {}
+    for devices in (1, 2):
+        task = _task(classifier_checkpoint, output_dir=str(tmp_path / str(devices)), max_queries=13, targets="random")
+        metrics[devices] = _test_trainer(devices).test(task, _synthetic(eval_batch_size=3), verbose=False)[0]
+        results[devices] = load_counterfactual_results(tmp_path / str(devices) / "counterfactuals.pt")
+    assert metrics[1]["test/pairs"] == len(results[1]["index"]) > 0
+    for key, value in metrics[1].items():
+        if key != "test/seconds_per_counterfactual":
+            assert metrics[2][key] == pytest.approx(value, rel=1e-12, nan_ok=True), key
+    for key in ("index", "target", "success", "originals", "counterfactuals", "l0", "l1", "mse", "iterations"):
+        assert torch.equal(results[1][key], results[2][key]), key
+
+
+def test_embedded_mnist_configs_run_deduce_and_jsma(tmp_path, monkeypatch):
+    """The shipped configs, on a SmallCNN trained for a few batches of embedded MNIST (with class Gaussians)."""
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    datamodule = EmbeddedMNIST(batch_size=64, eval_batch_size=500)
+    task = ClassificationTask(SmallCNN(in_channels=1, num_classes=10, channels=(4, 8), hidden=16))
+    trainer = L.Trainer(accelerator="cpu", max_steps=10, logger=False, enable_checkpointing=False)
+    trainer.fit(task, datamodule)
+    trainer.save_checkpoint(tmp_path / "tiny.ckpt")
+    gaussians = fit_and_save_class_gaussians(tmp_path / "tiny.ckpt", datamodule)
+    overrides = [
+        f"--model.classifier={tmp_path / 'tiny.ckpt'}",
+        "--model.max_queries=2",
+        "--model.explainer.init_args.max_iterations=15",
+        "--data.init_args.eval_batch_size=2",
+        "--trainer.enable_progress_bar=false",
+    ]
+    for method in ("deduce", "jsma"):
+        extra = [f"--model.gaussians={gaussians}", f"--model.explainer.init_args.gaussians={gaussians}"]
+        config = REPO / "configs" / "counterfactual" / f"embedded_mnist_{method}.yaml"
+        cli = main(["test", "-c", str(config), *overrides, *(extra if method == "deduce" else [])])
+        results = load_counterfactual_results(
+            tmp_path / "runs" / "counterfactual" / f"embedded_mnist_{method}" / "counterfactuals.pt"
+        )
+        assert len(results["index"]) == 18 and results["iterations"].max() <= 15
+        assert cli.trainer.callback_metrics["test/pairs"] == 18
+        assert ("test/nll" in cli.trainer.callback_metrics) == (method == "deduce")
+        changed = (results["counterfactuals"] != results["originals"]).flatten(1).sum(1)
+        assert torch.equal(results["l0"], changed.double())

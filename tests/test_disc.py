@@ -1,0 +1,330 @@
+import copy
+
+import pytest
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+import cfx.counterfactual.disc as disc_module
+from cfx.counterfactual import DISC
+from cfx.counterfactual.objectives import (
+    dep_consistency,
+    duq_consistency,
+    image_space_distance,
+    latent_space_distance,
+)
+from cfx.nn import DUQHead, LossPredictor
+from cfx.nn.classifier import FeatureClassifier
+
+SIZE = 8
+INR = {"width": 32, "depth": 2, "num_frequencies": 16}
+
+
+class HalfBrightness(FeatureClassifier):
+    """Class 0 when the left half of an 8x8 image is brighter than the right half, class 1 otherwise."""
+
+    in_channels, num_classes, feature_dim, stage_channels, image_size = 1, 2, 2, (1, 2), SIZE
+
+    def __init__(self, scale: float = 20.0):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(scale))
+
+    def forward_features(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        halves = torch.stack([images[..., : SIZE // 2].mean((1, 2, 3)), images[..., SIZE // 2 :].mean((1, 2, 3))], 1)
+        second = torch.cat([images, 1 - images], 1)[..., ::2, ::2]
+        return halves, [images, second]
+
+    def classify(self, features: Tensor) -> Tensor:
+        return self.scale * (features - features.mean(1, keepdim=True))
+
+
+def left_bright_images(count: int, seed: int = 0) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(count, 1, SIZE, SIZE, generator=generator) * 0.3
+    images[..., :3] += 0.6
+    return images
+
+
+def make_disc(classifier: FeatureClassifier | None = None, **options) -> DISC:
+    settings = dict(
+        prior="inr",
+        prior_options=INR,
+        lr=1e-3,
+        steps_per_stage=20,
+        reconstruction_steps=100,
+        reconstruction_lr=1e-3,
+        max_iterations=200,
+    )
+    settings.update(options)
+    return DISC(classifier or HalfBrightness(), **settings)
+
+
+def test_dep_term_is_l1_distance_to_target_loss():
+    predicted = torch.tensor([0.3, -1.2, 2.0])
+    assert torch.allclose(dep_consistency(predicted, 0.5), torch.tensor([0.2, 1.7, 1.5]))
+
+
+def test_duq_term_is_kernel_margin():
+    kernels = torch.tensor([[0.9, 0.2, 0.4], [0.1, 0.8, 0.3], [0.5, 0.3, 0.6]])
+    source, target = torch.tensor([0, 0, 2]), torch.tensor([1, 1, 0])
+    # max(K_y - K_ybar + 0.5, 0): 0.9 - 0.2 + 0.5, max(0.1 - 0.8 + 0.5, 0), 0.6 - 0.5 + 0.5
+    assert torch.allclose(duq_consistency(kernels, source, target), torch.tensor([1.2, 0.0, 0.6]))
+
+
+def test_iso_and_lso_terms_equal_direct_sums():
+    a, b = torch.rand(3, 2, 4, 4), torch.rand(3, 2, 4, 4)
+    expected = torch.tensor(
+        [sum((x - y) ** 2 for x, y in zip(a[i].flatten(), b[i].flatten(), strict=True)) for i in range(3)]
+    )
+    assert torch.allclose(image_space_distance(a, b), expected)
+    f, g = torch.rand(3, 5), torch.rand(3, 5)
+    expected_latent = expected + ((f - g) ** 2).sum(1)
+    assert torch.allclose(latent_space_distance([a, f], [b, g]), expected_latent)
+
+
+def test_objective_combines_terms_with_their_weights():
+    classifier = HalfBrightness()
+    predictor = LossPredictor(classifier.stage_channels, hidden=4)
+    explainer = make_disc(
+        classifier,
+        semantic_layers=[0, 1],
+        manifold="dep",
+        loss_predictor=predictor,
+        target_loss=0.1,
+        lambda_semantic=0.7,
+        lambda_manifold=0.3,
+        lambda_class=2.0,
+    )
+    queries, candidates = left_bright_images(3), torch.rand(3, 1, SIZE, SIZE)
+    targets = torch.tensor([1, 1, 0])
+    logits, representations, predicted = explainer._forward(candidates)
+    _, query_representations, _ = explainer._forward(queries)
+    loss = explainer.objective(
+        logits, representations, predicted, query_representations, torch.zeros(3, dtype=torch.long), targets, 0.7, 0.1
+    )
+    # independent reference: layers straight from the classifier, CE by hand, predictor on the stage maps
+    _, maps = classifier.forward_features(candidates)
+    _, query_maps = classifier.forward_features(queries)
+    semantic = sum(((m - q) ** 2).sum((1, 2, 3)) for m, q in zip(maps, query_maps, strict=True))
+    log_probs = classifier(candidates).log_softmax(1)
+    cross_entropy = -log_probs[torch.arange(3), targets]
+    manifold = (predictor(maps) - 0.1).abs()
+    assert torch.allclose(loss, 0.7 * semantic + 0.3 * manifold + 2.0 * cross_entropy, atol=1e-5)
+
+    penultimate = make_disc(classifier, semantic="latent", lambda_class=1.0)
+    logits, representations, _ = penultimate._forward(candidates)
+    _, query_representations, _ = penultimate._forward(queries)
+    features = classifier.forward_features(candidates)[0]
+    query_features = classifier.forward_features(queries)[0]
+    loss = penultimate.objective(logits, representations, None, query_representations, targets, targets, 1.0, 0.0)
+    expected = ((features - query_features) ** 2).sum(1) + F.cross_entropy(
+        classifier(candidates), targets, reduction="none"
+    )
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_duq_objective_uses_the_head_on_penultimate_features():
+    classifier = HalfBrightness()
+    head = DUQHead(feature_dim=2, num_classes=2, embedding_dim=3)
+    explainer = make_disc(
+        classifier, semantic="image", manifold="duq", duq_head=head, lambda_manifold=1.0, lambda_class=0.0
+    )
+    queries, candidates = left_bright_images(2), torch.rand(2, 1, SIZE, SIZE)
+    sources, targets = torch.tensor([0, 0]), torch.tensor([1, 1])
+    logits, representations, kernels = explainer._forward(candidates)
+    _, query_representations, _ = explainer._forward(queries)
+    loss = explainer.objective(logits, representations, kernels, query_representations, sources, targets, 1.0, 0.0)
+    k = head(classifier.forward_features(candidates)[0])
+    expected = ((candidates - queries) ** 2).sum((1, 2, 3)) + (k[:, 0] - k[:, 1] + 0.5).clamp(min=0)
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_query_target_loss_is_each_querys_predicted_loss(monkeypatch):
+    classifier = HalfBrightness()
+    predictor = LossPredictor(classifier.stage_channels, hidden=4)
+    explainer = make_disc(classifier, manifold="dep", loss_predictor=predictor, target_loss="query", max_iterations=2)
+    seen = []
+    objective = DISC.objective
+
+    def recording_objective(self, *args):
+        seen.append(args[-1])
+        return objective(self, *args)
+
+    monkeypatch.setattr(DISC, "objective", recording_objective)
+    images = left_bright_images(3)
+    explainer.explain(images, torch.tensor([1, 0, 1]))
+    expected = predictor(classifier.forward_features(images[[0, 2]])[1])
+    assert torch.allclose(seen[0], expected)
+
+
+def capture_generators(monkeypatch) -> list:
+    """Record each generator DISC builds and a copy of its parameters right after the reconstruction fit."""
+    captured = []
+    fit = disc_module.fit_reconstruction
+
+    def recording_fit(generator, images, steps, lr):
+        result = fit(generator, images, steps, lr)
+        captured.append((generator, [[p.detach().clone() for p in group] for group in generator.layer_groups()]))
+        return result
+
+    monkeypatch.setattr(disc_module, "fit_reconstruction", recording_fit)
+    return captured
+
+
+@pytest.mark.parametrize("stages_run", [1, 2, 4])
+def test_progressive_stage_trains_only_its_groups(monkeypatch, stages_run):
+    captured = capture_generators(monkeypatch)
+    # confidence 0.99 is out of reach for this classifier in 20 steps: every query runs to max_iterations
+    explainer = make_disc(
+        HalfBrightness(scale=1.0), stages=5, steps_per_stage=5, max_iterations=5 * stages_run, confidence=0.99
+    )
+    result = explainer.explain(left_bright_images(2), torch.tensor([1, 1]))
+    assert not result.success.any() and (result.iterations == 5 * stages_run).all()
+    generator, initial = captured[0]
+    for position, (group, before) in enumerate(zip(generator.layer_groups(), initial, strict=True)):
+        changed = any(not torch.equal(p.detach(), b) for p, b in zip(group, before, strict=True))
+        assert changed == (position < stages_run), f"group {position} after {stages_run} stage(s)"  # 3 groups
+
+
+def test_semantic_weight_relaxes_by_kappa_each_stage(monkeypatch):
+    seen = []
+    objective = DISC.objective
+
+    def recording_objective(self, *args):
+        seen.append(args[-2])
+        return objective(self, *args)
+
+    monkeypatch.setattr(DISC, "objective", recording_objective)
+    explainer = make_disc(
+        HalfBrightness(scale=1.0),
+        lambda_semantic=0.8,
+        kappa=0.5,
+        stages=2,
+        steps_per_stage=3,
+        confidence=0.99,
+        max_iterations=8,
+    )
+    explainer.explain(left_bright_images(1), torch.tensor([1]))
+    assert seen == pytest.approx([0.8] * 3 + [0.4] * 5)
+
+
+def test_batch_equals_single_calls():
+    # SIREN + Adam amplify float rounding (batched matmuls are not bit-identical across batch sizes): tolerance
+    explainer = make_disc(confidence=0.9)
+    images, targets, indices = left_bright_images(4), torch.tensor([1, 1, 1, 1]), torch.tensor([7, 3, 11, 5])
+    batch = explainer.explain(images, targets, indices)
+    for i in range(4):
+        single = explainer.explain(images[i : i + 1], targets[i : i + 1], indices[i : i + 1])
+        assert torch.allclose(single.counterfactuals[0], batch.counterfactuals[i], atol=1e-3)
+        assert single.iterations[0] == batch.iterations[i]
+        assert single.success[0] == batch.success[i]
+        assert torch.allclose(single.target_probability[0], batch.target_probability[i], atol=1e-3)
+    assert batch.success.all() and (batch.iterations > 1).all() and len(set(batch.iterations.tolist())) > 1
+
+
+def test_reaches_target_on_easy_classifier_and_records_path():
+    explainer = make_disc(semantic="image", lambda_semantic=0.01, path_every=10, max_iterations=200)
+    images = left_bright_images(3)
+    result = explainer.explain(images, torch.tensor([1, 1, 1]))
+    assert result.success.all()
+    assert (result.target_probability >= 0.5).all()
+    assert (HalfBrightness()(result.counterfactuals).argmax(1) == 1).all()
+    assert (result.original_prediction == 0).all()
+    assert (result.iterations > 0).all()
+    assert result.path.shape == (3, 21, 1, SIZE, SIZE)
+    last_frame = (result.iterations // 10 + 1).clamp(max=20)
+    for i in range(3):
+        assert torch.equal(result.path[i, last_frame[i]], result.counterfactuals[i])
+        assert torch.equal(result.path[i, -1], result.counterfactuals[i])
+
+
+def test_query_already_at_target_is_returned_unchanged(monkeypatch):
+    def no_generator(*args, **kwargs):
+        raise AssertionError("no generator should be built")
+
+    monkeypatch.setattr(disc_module, "make_generator", no_generator)
+    images = left_bright_images(2)
+    result = make_disc(path_every=50).explain(images, torch.tensor([0, 0]))
+    assert torch.equal(result.counterfactuals, images)
+    assert result.success.all() and (result.iterations == 0).all()
+    assert torch.equal(result.path, images[:, None].expand(-1, 5, -1, -1, -1))
+
+
+def test_mixed_batch_optimises_only_queries_off_target():
+    images = left_bright_images(3)
+    explainer = make_disc(semantic="image", lambda_semantic=0.01)
+    result = explainer.explain(images, torch.tensor([0, 1, 0]))
+    assert torch.equal(result.counterfactuals[[0, 2]], images[[0, 2]])
+    assert result.iterations[0] == 0 and result.iterations[2] == 0 and result.iterations[1] > 0
+    assert result.success.all()
+
+
+def test_loss_predictor_read_from_dep_checkpoint(tmp_path):
+    classifier = HalfBrightness()
+    predictor = LossPredictor(classifier.stage_channels, hidden=5)
+    state = {f"predictor.{k}": v for k, v in predictor.state_dict().items()}
+    state["network.scale"] = torch.tensor(1.0)
+    torch.save({"state_dict": state, "hyper_parameters": {}}, tmp_path / "dep.ckpt")
+    explainer = make_disc(classifier, manifold="dep", loss_predictor=str(tmp_path / "dep.ckpt"))
+    maps = classifier.forward_features(torch.rand(2, 1, SIZE, SIZE))[1]
+    assert torch.allclose(explainer.loss_predictor(maps), predictor(maps))
+    torch.save({"state_dict": {"network.scale": torch.tensor(1.0)}}, tmp_path / "plain.ckpt")
+    with pytest.raises(ValueError, match="no DEP loss predictor"):
+        make_disc(classifier, manifold="dep", loss_predictor=tmp_path / "plain.ckpt")
+    other = LossPredictor((3, 2), hidden=5)
+    torch.save({"state_dict": {f"predictor.{k}": v for k, v in other.state_dict().items()}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="channels"):
+        make_disc(classifier, manifold="dep", loss_predictor=tmp_path / "other.ckpt")
+    with pytest.raises(FileNotFoundError, match="no DEP checkpoint"):
+        make_disc(classifier, manifold="dep", loss_predictor=tmp_path / "missing.ckpt")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"prior": "gan"}, "prior must be one of"),
+        ({"semantic": "pixels"}, "semantic must be one of"),
+        ({"manifold": "ddu"}, "manifold must be one of"),
+        ({"semantic_layers": [2]}, "semantic_layers"),
+        ({"semantic": "image", "semantic_layers": [0]}, "only applies"),
+        ({"manifold": "dep"}, "needs a loss_predictor"),
+        ({"manifold": "duq"}, "needs a duq_head"),
+        ({"loss_predictor": LossPredictor((1, 2))}, "manifold='dep'"),
+        ({"lambda_semantic": -1.0}, "lambda_semantic"),
+        ({"kappa": 0.0}, "kappa"),
+        ({"max_iterations": 0}, "max_iterations"),
+        ({"confidence": 1.0}, "confidence"),
+        ({"path_every": 0}, "path_every"),
+        ({"stages": 0}, "stages"),
+        ({"target_loss": "low"}, "target_loss"),
+    ],
+)
+def test_bad_configuration_raises(options, message):
+    with pytest.raises(ValueError, match=message):
+        make_disc(**options)
+
+
+def test_bad_query_raises():
+    explainer = make_disc()
+    with pytest.raises(ValueError, match="targets"):
+        explainer.explain(left_bright_images(2), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="indices"):
+        explainer.explain(left_bright_images(2), torch.tensor([1, 1]), torch.tensor([0.0, 1.0]))
+
+
+def test_explain_leaves_classifier_mode_and_weights_alone():
+    classifier = HalfBrightness().train()
+    before = copy.deepcopy(classifier.state_dict())
+    make_disc(classifier, max_iterations=3).explain(left_bright_images(1), torch.tensor([1]))
+    assert classifier.training
+    assert all(torch.equal(before[k], v) for k, v in classifier.state_dict().items())
+    assert classifier.scale.grad is None
+
+
+def test_bf16_autocast_reaches_target():
+    result = make_disc(semantic="image", lambda_semantic=0.01, bf16=True).explain(
+        left_bright_images(2), torch.tensor([1, 1])
+    )
+    assert result.success.all()
+    assert result.counterfactuals.dtype == torch.float32
+    assert (HalfBrightness()(result.counterfactuals).argmax(1) == 1).all()
