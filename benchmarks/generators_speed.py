@@ -6,13 +6,17 @@ DIP priors at their default sizes on 28x28 single-channel images. Prints a markd
 per step (batched and loop steps alternate, after one warm-up step each, so load changes on a shared machine hit
 both alike) and the batched speed-up; "bf16 max |dx|" is the largest output difference to fp32 at initialisation.
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/generators_speed.py [--queries 32] [--steps 5]
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/generators_speed.py [--queries 32] [--steps 5] \
+        [--options '{"inr": {"width": 64, "num_frequencies": 64, "sigma": 2.0}, "dip": {"width": 16}}']
+
+``--options`` sets each prior's ``make_generator`` options (default: the paper-size defaults).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
 import time
 
@@ -51,14 +55,15 @@ def bf16_difference(generator) -> float:
     return (low.float() - reference).abs().max().item()
 
 
-def run(kinds: list[str], queries: int, steps: int, size: int) -> list[dict]:
+def run(kinds: list[str], queries: int, steps: int, size: int, options: dict | None = None) -> list[dict]:
     seeds = torch.arange(queries)
     target = torch.rand(queries, 1, size, size, generator=torch.Generator().manual_seed(0))
     rows = []
     for kind in kinds:
         for bf16 in (False, True):
-            batched = make_generator(kind, queries, 1, size, seeds)
-            singles = [make_generator(kind, 1, 1, size, seeds[q : q + 1]) for q in range(queries)]
+            kind_options = (options or {}).get(kind, {})
+            batched = make_generator(kind, queries, 1, size, seeds, **kind_options)
+            singles = [make_generator(kind, 1, 1, size, seeds[q : q + 1], **kind_options) for q in range(queries)]
             row = {"prior": kind, "precision": "bf16 autocast" if bf16 else "fp32"}
             steppers = {"batched": Stepper([batched], target, bf16), "loop": Stepper(singles, target, bf16)}
             times = {name: [] for name in steppers}
@@ -96,7 +101,11 @@ if __name__ == "__main__":
     parser.add_argument("--queries", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--size", type=int, default=28)
+    parser.add_argument("--options", type=json.loads, default={}, help="JSON: prior -> make_generator options")
     arguments = parser.parse_args()
-    results = run(arguments.kinds, arguments.queries, arguments.steps, arguments.size)
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} thread(s), {arguments.size}x{arguments.size}\n")
+    results = run(arguments.kinds, arguments.queries, arguments.steps, arguments.size, arguments.options)
+    print(
+        f"\ntorch {torch.__version__}, {torch.get_num_threads()} thread(s), {arguments.size}x{arguments.size}, "
+        f"options {arguments.options}\n"
+    )
     print(markdown(results, arguments.queries))

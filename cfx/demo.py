@@ -80,7 +80,8 @@ def picture_grid(results: dict[str, dict], path: Path) -> None:
             row += [counterfactual, (counterfactual - result["originals"][position] + 1) / 2]
         rows.append(torch.stack(row))
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(torch.cat(rows).float().clamp(0, 1), path, nrow=1 + 2 * len(results), padding=2, pad_value=1.0)
+    tiles = torch.nn.functional.interpolate(torch.cat(rows).float(), scale_factor=4, mode="nearest")  # visible digits
+    save_image(tiles.clamp(0, 1), path, nrow=1 + 2 * len(results), padding=4, pad_value=1.0)
 
 
 def main(arguments: list[str] | None = None) -> None:

@@ -10,6 +10,7 @@ from cfx.tasks.classification import (
 from cfx.tasks.counterfactual import CounterfactualTask, load_counterfactual_results
 from cfx.tasks.ddu import FitClassGaussians, fit_and_save_class_gaussians, load_classifier_and_gaussians
 from cfx.tasks.dep import DEPTask, load_loss_predicting_classifier
+from cfx.tasks.discrepancy import DiscrepancyResult, classifier_discrepancy
 from cfx.tasks.duq import DUQTask, load_duq_classifier
 
 __all__ = [
@@ -17,9 +18,11 @@ __all__ = [
     "CounterfactualTask",
     "DEPTask",
     "DUQTask",
+    "DiscrepancyResult",
     "FitClassGaussians",
     "check_data_matches",
     "checkpoint_task_class",
+    "classifier_discrepancy",
     "fit_and_save_class_gaussians",
     "load_classifier",
     "load_classifier_and_gaussians",
