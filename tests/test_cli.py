@@ -152,5 +152,5 @@ def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         load_classifier(tmp_path / "absent.ckpt")
     (tmp_path / "corrupt.ckpt").write_bytes(b"\x80\x04 truncated")
-    with pytest.raises(ValueError, match="not a readable ClassificationTask checkpoint"):
+    with pytest.raises(ValueError, match="not a readable cfx checkpoint"):
         load_classifier(tmp_path / "corrupt.ckpt")
