@@ -13,7 +13,7 @@ from cfx.counterfactual.objectives import (
     image_space_distance,
     latent_space_distance,
 )
-from cfx.nn import DUQHead, LossPredictor
+from cfx.nn import DUQFeatureClassifier, DUQHead, LossPredictor
 from cfx.nn.classifier import FeatureClassifier
 
 SIZE = 8
@@ -137,6 +137,16 @@ def test_duq_objective_uses_the_head_on_penultimate_features():
     k = head(classifier.forward_features(candidates)[0])
     expected = ((candidates - queries) ** 2).sum((1, 2, 3)) + (k[:, 0] - k[:, 1] + 0.5).clamp(min=0)
     assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_a_duq_model_as_classifier_brings_its_own_head():
+    head = DUQHead(feature_dim=2, num_classes=2, embedding_dim=3)
+    duq_model = DUQFeatureClassifier(HalfBrightness(), head)
+    explainer = make_disc(duq_model, manifold="duq", max_iterations=3)
+    assert explainer.duq_head is head
+    queries = left_bright_images(2)
+    result = explainer.explain(queries, 1 - duq_model(queries).argmax(1))
+    assert result.counterfactuals.shape == queries.shape and torch.isfinite(result.counterfactuals).all()
 
 
 def test_query_target_loss_is_each_querys_predicted_loss(monkeypatch):

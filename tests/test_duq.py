@@ -9,8 +9,8 @@ import yaml
 from torch import nn
 
 from cfx.cli import main
-from cfx.nn import DUQHead, duq_uncertainty, gradient_penalty, kernel_margin_loss
-from cfx.tasks import DUQTask, load_duq_classifier
+from cfx.nn import DUQFeatureClassifier, DUQHead, duq_uncertainty, gradient_penalty, kernel_margin_loss
+from cfx.tasks import DUQTask, load_classifier, load_duq_classifier
 from tests.distributed import run_distributed
 
 
@@ -156,3 +156,8 @@ def test_duq_task_trains_through_the_cli_updates_centroids_each_step_and_reloads
     assert torch.allclose(model.uncertainty(images), -task(images).max(1).values, atol=1e-6)
     test = main(["test", "-c", str(config), "--ckpt_path=ckpt/last.ckpt"])
     assert 0 <= test.trainer.callback_metrics["test/acc"] <= 1
+    explained = load_classifier(tmp_path / "ckpt" / "last.ckpt")  # what counterfactual runs explain
+    assert isinstance(explained, DUQFeatureClassifier) and explained.num_classes == 3
+    kernel_values = task(images)
+    assert torch.allclose(explained(images), kernel_values.log(), atol=1e-5)
+    assert torch.allclose(explained(images).softmax(1), kernel_values / kernel_values.sum(1, keepdim=True), atol=1e-6)

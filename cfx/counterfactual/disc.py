@@ -18,6 +18,7 @@ from cfx.counterfactual.objectives import (
     latent_space_distance,
 )
 from cfx.nn.classifier import FeatureClassifier
+from cfx.nn.duq import DUQFeatureClassifier
 from cfx.nn.generators import fit_reconstruction, make_generator, narrow_adam_state, query_seeds
 from cfx.nn.loss_predictor import LossPredictor
 
@@ -97,8 +98,9 @@ class DISC(Explainer):
         loss_predictor: DEP predictor ``G``: a module mapping the classifier's stage maps to ``(N,)`` predicted
             losses, or the path of a DEPTask checkpoint whose predictor is read (the classifier must then be that
             checkpoint's network). Required for ``manifold="dep"``.
-        duq_head: DUQ head mapping the classifier's penultimate features to ``(N, K)`` kernel values. Required for
-            ``manifold="duq"``.
+        duq_head: DUQ head mapping the classifier's penultimate features to ``(N, K)`` kernel values, for
+            ``manifold="duq"``; defaults to the classifier's own head when the classifier is a DUQ model
+            (:class:`~cfx.nn.duq.DUQFeatureClassifier`, what ``load_classifier`` gives for a DUQTask checkpoint).
         target_loss: the DEP target loss ``s*``: a number, a low predicted loss (the predictor is trained by ranking,
             so its scale is the checkpoint's: read it off the predictions on real data), or ``"query"``: each
             query's own predicted loss (scale-free: the counterfactual should look as typical as the query).
@@ -167,7 +169,9 @@ class DISC(Explainer):
         if manifold == "dep" and loss_predictor is None:
             raise ValueError("manifold='dep' needs a loss_predictor (a module or a DEPTask checkpoint path)")
         if manifold == "duq" and duq_head is None:
-            raise ValueError("manifold='duq' needs a duq_head")
+            if not isinstance(classifier, DUQFeatureClassifier):
+                raise ValueError("manifold='duq' needs a duq_head, or a DUQ model as the classifier")
+            duq_head = classifier.head
         if manifold != "dep" and loss_predictor is not None:
             raise ValueError(f"a loss_predictor was given but manifold={manifold!r} (use manifold='dep')")
         if manifold != "duq" and duq_head is not None:

@@ -2,7 +2,14 @@
 
 from cfx.nn.classifier import FeatureClassifier
 from cfx.nn.cnn import SmallCNN
-from cfx.nn.duq import DUQClassifier, DUQHead, duq_uncertainty, gradient_penalty, kernel_margin_loss
+from cfx.nn.duq import (
+    DUQClassifier,
+    DUQFeatureClassifier,
+    DUQHead,
+    duq_uncertainty,
+    gradient_penalty,
+    kernel_margin_loss,
+)
 from cfx.nn.gaussian import ClassGaussians, class_feature_statistics, fit_class_gaussians
 from cfx.nn.loss_predictor import LossPredictingClassifier, LossPredictor, pairwise_ranking_loss
 from cfx.nn.resnet import ResNet
@@ -12,6 +19,7 @@ from cfx.nn.timm_model import TimmClassifier
 __all__ = [
     "ClassGaussians",
     "DUQClassifier",
+    "DUQFeatureClassifier",
     "DUQHead",
     "FeatureClassifier",
     "LossPredictingClassifier",

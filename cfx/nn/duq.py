@@ -126,6 +126,37 @@ class DUQClassifier(nn.Module):
         return duq_uncertainty(self(images))
 
 
+class DUQFeatureClassifier(FeatureClassifier):
+    """A DUQ model as a :class:`FeatureClassifier` to explain: logits ``log K_c``, so ``softmax = K_c / sum_c K_c``.
+
+    The prediction (``argmax_c K_c``) is DUQ's; the network's own ``classify`` layer (never trained by DUQTask) is
+    not used. ``head`` is what DISC's DUQ manifold term reads.
+
+    Args:
+        network: the trained feature extractor.
+        head: its trained DUQ head.
+    """
+
+    def __init__(self, network: FeatureClassifier, head: DUQHead):
+        super().__init__()
+        if network.feature_dim != head.feature_dim:
+            raise ValueError(f"the head expects {head.feature_dim} features, the network has {network.feature_dim}")
+        self.network, self.head = network, head
+        self.in_channels, self.num_classes = network.in_channels, head.num_classes
+        self.feature_dim, self.stage_channels, self.image_size = (
+            network.feature_dim,
+            network.stage_channels,
+            network.image_size,
+        )
+
+    def forward_features(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        return self.network.forward_features(images)
+
+    def classify(self, features: Tensor) -> Tensor:
+        """``(N, C)`` logits ``log K_c(features)``."""
+        return self.head(features).clamp_min(torch.finfo(features.dtype).tiny).log()
+
+
 def duq_uncertainty(kernel_values: Tensor) -> Tensor:
     """``-max_c K_c`` of ``(N, C)`` kernel similarities."""
     return -kernel_values.max(dim=1).values

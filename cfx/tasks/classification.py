@@ -89,6 +89,10 @@ class ClassificationTask(L.LightningModule):
             "prediction": logits.argmax(1),
         }
 
+    def explained_classifier(self) -> FeatureClassifier:
+        """The model counterfactual methods explain for this task (here: the network)."""
+        return self.network
+
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())
         if self.lr_scheduler is None:
@@ -165,10 +169,11 @@ def checkpoint_task_class(checkpoint: str | Path) -> type[L.LightningModule]:
 
 
 def load_classifier(checkpoint: str | Path, map_location: str | torch.device = "cpu") -> FeatureClassifier:
-    """Load the ``network`` of a cfx task checkpoint as a plain ``nn.Module`` in eval mode.
+    """Load the classifier of a cfx task checkpoint as a plain ``nn.Module`` in eval mode.
 
-    Works for every task with a ``network`` (ClassificationTask, DEPTask, DUQTask ...): the task class is read
-    from the checkpoint.
+    Works for every task with a ``network`` (the task class is read from the checkpoint): the network of a
+    ClassificationTask or DEPTask, and for a DUQTask the network with its DUQ head
+    (:class:`~cfx.nn.duq.DUQFeatureClassifier`, logits ``log K_c``).
 
     Args:
         checkpoint: path of a ``.ckpt`` written by ``cfx fit``.
@@ -178,7 +183,7 @@ def load_classifier(checkpoint: str | Path, map_location: str | torch.device = "
         The classifier, in eval mode, with gradients of its parameters disabled.
     """
     task = load_task_checkpoint(checkpoint_task_class(checkpoint), checkpoint, map_location)
-    network = getattr(task, "network", None)
+    network = task.explained_classifier() if isinstance(task, ClassificationTask) else getattr(task, "network", None)
     if not isinstance(network, FeatureClassifier):
         raise ValueError(f"{checkpoint} holds a {type(task).__name__}, which has no FeatureClassifier `network`")
     network = network.eval()

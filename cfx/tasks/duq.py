@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from cfx.nn.classifier import FeatureClassifier
-from cfx.nn.duq import DUQClassifier, DUQHead, duq_uncertainty, gradient_penalty
+from cfx.nn.duq import DUQClassifier, DUQFeatureClassifier, DUQHead, duq_uncertainty, gradient_penalty
 from cfx.tasks.classification import ClassificationTask, load_task_checkpoint
 
 
@@ -51,6 +51,10 @@ class DUQTask(ClassificationTask):
     def forward(self, images: Tensor) -> Tensor:
         """``(N, C)`` kernel similarities."""
         return self.head(self.network.forward_features(images)[0])
+
+    def explained_classifier(self) -> DUQFeatureClassifier:
+        """The network with its DUQ head, predicting ``argmax_c K_c`` (its own ``classify`` layer is untrained)."""
+        return DUQFeatureClassifier(self.network, self.head)
 
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         images, labels = batch["image"], batch["label"]
