@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from cfx.counterfactual.base import CounterfactualResult, Explainer
+from cfx.counterfactual.iterative import PathRecorder, evaluation_mode, target_reached
 from cfx.counterfactual.objectives import (
     class_consistency,
     dep_consistency,
@@ -238,11 +239,6 @@ class DISC(Explainer):
             None if manifold is None else manifold.float(),
         )
 
-    def _reached(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """``(valid, target probability)``: target predicted with softmax probability >= ``confidence``."""
-        target_probability = logits.softmax(dim=1).gather(1, targets[:, None]).squeeze(1)
-        return (logits.argmax(dim=1) == targets) & (target_probability >= self.confidence), target_probability
-
     def objective(
         self,
         logits: Tensor,
@@ -297,14 +293,8 @@ class DISC(Explainer):
             if module is not None:
                 module.to(images.device)  # not a submodule of the classifier: follow the queries' device
         modules = [module for module in (self.classifier, self.loss_predictor, self.duq_head) if module is not None]
-        modes = [module.training for module in modules]
-        for module in modules:
-            module.eval()
-        try:
+        with evaluation_mode(*modules):
             return self._explain(images, targets, indices)
-        finally:
-            for module, mode in zip(modules, modes, strict=True):
-                module.train(mode)
 
     def _explain(self, images: Tensor, targets: Tensor, indices: Tensor) -> CounterfactualResult:
         with torch.no_grad():
@@ -315,12 +305,11 @@ class DISC(Explainer):
             value = 0.0 if self.target_loss == "query" else float(self.target_loss)
             target_losses = torch.full((len(images),), value, device=images.device)
         original_prediction = logits.argmax(dim=1)
-        done, target_probability = self._reached(logits, targets)
+        done, target_probability = target_reached(logits, targets, self.confidence)
         counterfactuals = images.clone()
         success = done.clone()
         iterations = torch.zeros(len(images), dtype=torch.int64, device=images.device)
-        frames = None if self.path_every is None else self.max_iterations // self.path_every + 1
-        path = None if frames is None else images[:, None].repeat(1, frames, 1, 1, 1)
+        recorder = PathRecorder(images, self.path_every, self.max_iterations)
         active = (~done).nonzero().squeeze(1)
         if len(active) > 0:
             with torch.enable_grad():
@@ -332,7 +321,7 @@ class DISC(Explainer):
                     original_prediction,
                     target_losses,
                     [representation.detach() for representation in query_representations],
-                    (counterfactuals, success, target_probability, iterations, path),
+                    (counterfactuals, success, target_probability, iterations, recorder),
                 )
         return CounterfactualResult(
             counterfactuals=counterfactuals,
@@ -340,7 +329,7 @@ class DISC(Explainer):
             target_probability=target_probability,
             original_prediction=original_prediction,
             iterations=iterations,
-            path=path,
+            path=recorder.finish(counterfactuals, iterations),
         )
 
     def _optimise(
@@ -352,10 +341,10 @@ class DISC(Explainer):
         original_prediction: Tensor,
         target_losses: Tensor,
         query_representations: list[Tensor],
-        outputs: tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None],
+        outputs: tuple[Tensor, Tensor, Tensor, Tensor, PathRecorder],
     ) -> None:
         """Run the progressive optimisation of the ``active`` queries, writing into ``outputs`` in place."""
-        counterfactuals, success, target_probability, iterations, path = outputs
+        counterfactuals, success, target_probability, iterations, recorder = outputs
         channels, size = images.shape[1], images.shape[-1]
         generator = make_generator(
             self.prior, len(active), channels, size, seeds=query_seeds(indices[active], self.seed), **self.prior_options
@@ -384,8 +373,7 @@ class DISC(Explainer):
                 self.lambda_semantic * self.kappa**stage,
                 last,
             )
-            if path is not None and step % self.path_every == 0:
-                path[active, step // self.path_every] = candidates
+            recorder.record(step, active, candidates)
             finished = reached | last
             if not finished.any():
                 continue
@@ -394,8 +382,6 @@ class DISC(Explainer):
             success[leaving] = reached[finished]
             target_probability[leaving] = probability[finished]
             iterations[leaving] = step
-            if path is not None:
-                path[leaving, step // self.path_every + 1 :] = candidates[finished, None]
             if finished.all():
                 break
             keep = ~finished
@@ -428,7 +414,7 @@ class DISC(Explainer):
             candidates = generator()
         candidates = candidates.float()
         logits, representations, manifold_values = self._forward(candidates)
-        reached, probability = self._reached(logits.detach(), goals)
+        reached, probability = target_reached(logits, goals, self.confidence)
         pending = ~reached
         if not last and pending.any():
             loss = self.objective(

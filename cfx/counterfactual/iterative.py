@@ -1,4 +1,4 @@
-"""Machinery shared by the iterative explainers (DeDUCE, JSMA, Wachter): batched search with per-sample stopping.
+"""Machinery shared by the iterative explainers (DeDUCE, JSMA, Wachter, DISC): batched search, per-sample stopping.
 
 Every search here runs all queries of a batch together, but only the *active* ones: each iteration forwards the
 subset of queries that have not finished (``index_select`` of the active rows), and a query leaves the
@@ -20,14 +20,16 @@ from cfx.nn.classifier import FeatureClassifier
 
 
 @contextmanager
-def evaluation_mode(module: nn.Module) -> Iterator[None]:
-    """Run ``module`` in eval mode inside the block and restore its previous mode afterwards."""
-    was_training = module.training
-    module.eval()
+def evaluation_mode(*modules: nn.Module) -> Iterator[None]:
+    """Run ``modules`` in eval mode inside the block and restore their previous modes afterwards."""
+    modes = [module.training for module in modules]
+    for module in modules:
+        module.eval()
     try:
         yield
     finally:
-        module.train(was_training)
+        for module, was_training in zip(modules, modes, strict=True):
+            module.train(was_training)
 
 
 def target_reached(logits: Tensor, targets: Tensor, confidence: float) -> tuple[Tensor, Tensor]:
