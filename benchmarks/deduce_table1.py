@@ -9,7 +9,10 @@ and over each method's own successes, iterations over that intersection and over
 counterfactual, the batched-vs-per-sample-loop throughput at batch 64, and the ratio of the search's wall time
 to (sum of active sample-iterations x the measured batched forward+backward cost per sample).
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/deduce_table1.py --batches 1
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/deduce_table1.py --batches 1
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/deduce_table1.py --batches 1 --checkpoint-root runs/width24 \
+        --fit-arg=--model.init_args.network.init_args.width=24 --fit-arg=--trainer.max_epochs=12 \
+        --fit-arg=--model.init_args.lr_scheduler.init_args.milestones=[8,11]
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ PLAIN_CONFIG = REPO / "configs/classifier/embedded_mnist_resnet.yaml"
 PAPER = {"DeDUCE": (21.16, 10.72, 0.00), "JSMA": (25.59, 12.63, 3.09)}
 
 
-def trained_classifier(config: Path, checkpoint_dir: Path) -> Path:
-    """Train (or resume, or load when finished) the classifier of ``config`` into ``checkpoint_dir``."""
+def trained_classifier(config: Path, checkpoint_dir: Path, overrides: list[str]) -> Path:
+    """Train (or resume, or load when finished) the classifier of ``config`` (plus CLI ``overrides``) into
+    ``checkpoint_dir``."""
     main(
         [
             "fit",
@@ -48,6 +52,7 @@ def trained_classifier(config: Path, checkpoint_dir: Path) -> Path:
             f"--checkpoint.dirpath={checkpoint_dir}",
             "--ckpt_path=last",
             "--trainer.enable_progress_bar=false",
+            *overrides,
         ]
     )
     return checkpoint_dir / "last.ckpt"
@@ -138,8 +143,8 @@ def summarise(metrics: dict[str, Tensor], both: Tensor) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    sn_checkpoint = trained_classifier(SN_CONFIG, args.checkpoint_root / "embedded_mnist_sn_resnet")
-    plain_checkpoint = trained_classifier(PLAIN_CONFIG, args.checkpoint_root / "embedded_mnist_resnet")
+    sn_checkpoint = trained_classifier(SN_CONFIG, args.checkpoint_root / "embedded_mnist_sn_resnet", args.fit_arg)
+    plain_checkpoint = trained_classifier(PLAIN_CONFIG, args.checkpoint_root / "embedded_mnist_resnet", args.fit_arg)
     datamodule = EmbeddedMNIST(eval_batch_size=500)
     datamodule.setup()
     gaussians_path = sn_checkpoint.parent / "class_gaussians.pt"
@@ -204,7 +209,7 @@ def markdown(report: dict[str, dict[str, float]]) -> str:
         )
     lines += [
         "",
-        "| method | batch-64 batched s | batch-64 per-query loop s (extrapolated) | speedup | fwd+bwd ms/sample "
+        "| method | batch-64 batched s | batch-64 per-query loop s | speedup | fwd+bwd ms/sample "
         "(objective / classifier) | sample-iterations | wall / (work x objective cost) "
         "| wall / (work x classifier cost) |",
         "|---|---|---|---|---|---|---|---|",
@@ -223,9 +228,18 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=10, help="batches of test images (the test split holds 10)")
     parser.add_argument("--batch-size", type=int, default=100, help="test images per batch (x 9 targets)")
-    parser.add_argument("--loop-queries", type=int, default=8, help="queries timed one by one for the loop estimate")
+    parser.add_argument(
+        "--loop-queries", type=int, default=64, help="queries timed one by one for the loop (< 64: extrapolated)"
+    )
     parser.add_argument("--checkpoint-root", type=Path, default=REPO / "checkpoints")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this file")
+    parser.add_argument(
+        "--fit-arg",
+        action="append",
+        default=[],
+        help="a `cfx fit` override for both classifiers, e.g. --fit-arg=--trainer.max_epochs=12 (repeatable; use "
+        "another --checkpoint-root then)",
+    )
     arguments = parser.parse_args()
     numbers = run(arguments)
     print(markdown(numbers))

@@ -10,6 +10,11 @@ both alike) and the batched speed-up; "bf16 max |dx|" is the largest output diff
         [--options '{"inr": {"width": 64, "num_frequencies": 64, "sigma": 2.0}, "dip": {"width": 16}}']
 
 ``--options`` sets each prior's ``make_generator`` options (default: the paper-size defaults).
+
+For the INR it also prints a bound on what *any* batching can gain on this machine: the matrix-product FLOPs of
+one query's step, the best fp32 matrix-product rate ``torch.mm`` reaches here (a large square product and the
+INR's own first-layer shape), and ``loop s per query-step / (FLOPs / best rate)`` -- the speed-up of a batched
+step that ran its matrix products at that best rate and spent nothing else (batching cannot remove FLOPs).
 """
 
 from __future__ import annotations
@@ -79,6 +84,49 @@ def run(kinds: list[str], queries: int, steps: int, size: int, options: dict | N
     return rows
 
 
+def inr_step_flops(generator) -> int:
+    """Matrix-product FLOPs of one fp32 step of a single-query INR: forward, weight gradients, input gradients.
+
+    The first layer's input (the fixed Fourier features) needs no gradient; every other layer's does.
+    """
+    pixels = generator.features.shape[1]
+    shapes = [tuple(layer.weight.shape[1:]) for layer in [*generator.sine_layers, generator.output]]
+    forward = sum(fan_in * fan_out for fan_in, fan_out in shapes)
+    input_gradients = sum(fan_in * fan_out for fan_in, fan_out in shapes[1:])
+    return 2 * pixels * (2 * forward + input_gradients)
+
+
+def matmul_gflops(m: int, k: int, n: int, repeats: int = 20) -> float:
+    """Median fp32 ``torch.mm`` rate (GFLOP/s) for an ``(m, k) @ (k, n)`` product."""
+    left, right = torch.rand(m, k), torch.rand(k, n)
+    torch.mm(left, right)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(left, right)
+        times.append(time.perf_counter() - start)
+    return 2 * m * k * n / statistics.median(times) / 1e9
+
+
+def inr_batching_bound(rows: list[dict], queries: int, size: int, options: dict) -> dict[str, float] | None:
+    """The most a batched INR step could gain over the measured per-query loop (see the module docstring)."""
+    loop = next((row["loop"] for row in rows if row["prior"] == "inr" and row["precision"] == "fp32"), None)
+    if loop is None:
+        return None
+    generator = make_generator("inr", 1, 1, size, torch.arange(1), **options.get("inr", {}))
+    first_in, first_out = generator.sine_layers[0].weight.shape[1:]
+    best_rate = max(matmul_gflops(2048, 2048, 2048, repeats=5), matmul_gflops(size * size, first_in, first_out))
+    flops = inr_step_flops(generator)
+    loop_per_query = loop / queries
+    ideal_per_query = flops / (best_rate * 1e9)
+    return {
+        "gflop_per_query_step": flops / 1e9,
+        "loop_gflops": flops / loop_per_query / 1e9,
+        "best_matmul_gflops": best_rate,
+        "max_batched_speedup": loop_per_query / ideal_per_query,
+    }
+
+
 def markdown(rows: list[dict], queries: int) -> str:
     fp32 = {row["prior"]: row["batched"] for row in rows if row["precision"] == "fp32"}
     lines = [
@@ -109,3 +157,10 @@ if __name__ == "__main__":
         f"options {arguments.options}\n"
     )
     print(markdown(results, arguments.queries))
+    bound = inr_batching_bound(results, arguments.queries, arguments.size, arguments.options)
+    if bound is not None:
+        print(
+            f"\nINR fp32: {bound['gflop_per_query_step']:.3f} GFLOP of matrix products per query-step; the loop runs "
+            f"them at {bound['loop_gflops']:.1f} GFLOP/s, torch.mm peaks at {bound['best_matmul_gflops']:.1f} GFLOP/s "
+            f"here -> no batching can beat the loop by more than {bound['max_batched_speedup']:.2f}x"
+        )

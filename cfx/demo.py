@@ -67,8 +67,8 @@ def explain(output: Path) -> dict[str, dict]:
 def picture_grid(results: dict[str, dict], path: Path) -> None:
     """Write one row per (query, target) pair every method explained.
 
-    A row holds the query, then per method the counterfactual and the difference (a failed search shows the query
-    unchanged).
+    A row holds the query, then per method the counterfactual and the difference (a failed search shows its last
+    iterate; the tables count successes only).
     """
     keys = {name: list(zip(r["index"].tolist(), r["target"].tolist(), strict=True)) for name, r in results.items()}
     common = sorted(set.intersection(*(set(k) for k in keys.values())))

@@ -99,7 +99,8 @@ def test_change_budget_and_clipping_hold_on_a_long_run() -> None:
     assert ((path[:, -1] - path[:, 0]).abs() <= 5 * 0.2 + 1e-6).all()
     assert (steps[:, 45:] == 0).all()  # 9 pixels x 5 changes: nothing moves after step 45
     assert not result.success.any() and (result.iterations == 80).all()
-    assert torch.equal(result.counterfactuals, images)  # a failure returns the query
+    assert torch.equal(result.counterfactuals, result.path[:, -1])  # a failure returns its last iterate
+    assert not torch.equal(result.counterfactuals, images)
 
 
 def test_batch_of_64_equals_single_calls() -> None:

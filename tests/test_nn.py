@@ -86,6 +86,19 @@ def test_plain_resnet_uses_projection_shortcuts_and_relu():
     assert network(torch.rand(2, 3, 16, 16)).shape == (2, 2)
 
 
+def test_imagenet_stem_downsamples_by_four_before_the_stages():
+    network = ResNet(in_channels=1, num_classes=10, width=4, stem="imagenet")
+    stem_convs = [m for m in network.stem.modules() if isinstance(m, nn.Conv2d)]
+    assert [(m.kernel_size, m.stride) for m in stem_convs] == [((7, 7), (2, 2))]
+    assert any(isinstance(m, nn.MaxPool2d) for m in network.stem.modules())
+    features, stage_maps = network.forward_features(torch.rand(2, 1, 28, 28))
+    # 28 -> 14 (stride-2 conv) -> 7 (max-pool), then strides 1, 2, 2, 2 as in the standard ResNet-18
+    assert [tuple(m.shape[1:]) for m in stage_maps] == [(4, 7, 7), (8, 4, 4), (16, 2, 2), (32, 1, 1)]
+    assert features.shape == (2, 32)
+    with pytest.raises(ValueError, match="stem"):
+        ResNet(stem="large")
+
+
 def test_small_cnn_and_timm_classifier_follow_the_interface():
     cnn = SmallCNN(in_channels=1, num_classes=3, channels=(4, 8), hidden=16)
     features, maps = cnn.forward_features(torch.rand(2, 1, 16, 16))

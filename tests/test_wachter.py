@@ -61,14 +61,16 @@ def test_returns_the_closest_valid_iterate_of_the_first_successful_stage() -> No
         assert valid(classifier, result.counterfactuals[i : i + 1], int(targets[i])).all()
 
 
-def test_failure_returns_the_query_after_max_iterations() -> None:
+def test_failure_returns_the_last_iterate_after_max_iterations() -> None:
     classifier = linear_classifier(seed=4, channels=1, size=3, features=4, classes=3)
     with torch.no_grad():
         classifier.head.bias[2] = -1e4
     images = torch.rand(4, 1, 3, 3, generator=torch.Generator().manual_seed(5))
-    result = Wachter(classifier, steps_per_lambda=5, max_iterations=23).explain(images, torch.full((4,), 2))
+    explainer = Wachter(classifier, steps_per_lambda=5, max_iterations=23, path_every=1)
+    result = explainer.explain(images, torch.full((4,), 2))
     assert not result.success.any() and (result.iterations == 23).all()
-    assert torch.equal(result.counterfactuals, images)
+    assert torch.equal(result.counterfactuals, result.path[:, -1])
+    assert not torch.equal(result.counterfactuals, images)
 
 
 def test_batch_of_64_equals_single_calls_and_is_deterministic() -> None:

@@ -16,8 +16,8 @@ class CounterfactualResult:
     """What one ``explain`` call returns; made fresh by every call.
 
     Attributes:
-        counterfactuals: ``(N, C, H, W)`` images in [0, 1] (the last or best iterate; the query where nothing
-            valid was found).
+        counterfactuals: ``(N, C, H, W)`` images in [0, 1]: the method's valid counterfactual where ``success``,
+            else the final iterate of its search (so a failure can be inspected; metrics count successes only).
         success: ``(N,)`` bool, the classifier reaches the target with the method's confidence criterion.
         target_probability: ``(N,)`` softmax probability of the target class at the counterfactual.
         original_prediction: ``(N,)`` the classifier's prediction on the query.

@@ -23,7 +23,7 @@ class DeDUCE(PixelStepExplainer):
     momentum (``v_k = g_k + momentum * v_{k-1}``), picks the ``pixels_per_step`` values (over ``C * H * W``)
     with the largest raw ``|g_k|`` among those changed fewer than ``max_changes`` times, moves them by
     ``step_size`` against ``sign(v_k)`` and clips to [0, 1]. A query stops when its target softmax reaches
-    ``confidence`` (success) or after ``max_iterations`` steps (failure; the query is returned).
+    ``confidence`` (success) or after ``max_iterations`` steps (failure; the last iterate is returned).
 
     Args:
         classifier: the model to explain (a spectrally normalised ResNet in the paper).

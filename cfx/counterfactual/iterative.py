@@ -167,7 +167,7 @@ class PixelStepExplainer(Explainer):
         """Search counterfactuals of ``images`` towards ``targets``, all queries at once.
 
         A query whose target is already the classifier's prediction is returned unchanged (success, 0
-        iterations). A query that fails returns the query itself; its last iterate is in ``path`` if recorded.
+        iterations). A query that fails returns its last iterate (``success`` False).
 
         Args:
             images: ``(N, C, H, W)`` queries in [0, 1].
@@ -220,9 +220,8 @@ class PixelStepExplainer(Explainer):
             iterates = pixels.view_as(iterates)
             recorder.record(iteration + 1, rows, iterates)
 
-        counterfactuals = torch.where(success[:, None, None, None], last_iterates, queries)
         return CounterfactualResult(
-            counterfactuals=counterfactuals,
+            counterfactuals=last_iterates,
             success=success,
             target_probability=torch.where(success, target_probability, query_probability),
             original_prediction=original_prediction,

@@ -20,7 +20,7 @@ class JSMA(PixelStepExplainer):
     image starts at 0 and must be writable -- and a picked bound pixel whose move is clipped away (e.g. a 0 pushed
     down) is retired by the same rule, so the search never picks it again. No other limit on how often a pixel
     moves. A query stops when its target softmax reaches ``confidence`` (success) or after ``max_iterations``
-    steps (failure; the query is returned).
+    steps (failure; the last iterate is returned).
 
     Args:
         classifier: the model to explain (a ResNet without spectral normalisation in the paper).

@@ -27,8 +27,9 @@ class Wachter(Explainer):
     [0, 1] (projected Adam). ``lambda = lambda_init * lambda_growth ** stage`` with ``stage = step //
     steps_per_lambda``: a query whose target is not reached during a stage moves to the next, larger ``lambda``;
     a query that reached it (target softmax ``>= confidence``) stops at the end of that stage and returns its
-    valid iterate of smallest distance. After ``max_iterations`` steps without a valid iterate it fails and the
-    query is returned. Deterministic; every sample has its own Adam moments, so results do not depend on the batch.
+    valid iterate of smallest distance. After ``max_iterations`` steps without a valid iterate it fails and
+    returns its last iterate. Deterministic; every sample has its own Adam moments, so results do not depend on the
+    batch.
 
     Args:
         classifier: the model to explain.
@@ -129,8 +130,9 @@ class Wachter(Explainer):
             done = (torch.isfinite(best_distance) & stage_end) | (iteration == self.max_iterations)
             if done.any():
                 finished = rows[done]
-                success[finished] = torch.isfinite(best_distance[done])
-                counterfactuals[finished] = best[done]
+                found = torch.isfinite(best_distance[done])
+                success[finished] = found
+                counterfactuals[finished] = torch.where(found[:, None, None, None], best[done], iterates[done])
                 target_probability[finished] = best_probability[done]
                 iterations[finished] = iteration
                 last_iterates[finished] = iterates[done]

@@ -1,4 +1,4 @@
-"""ResNet-18 layout for small images (3x3 stem, no max-pool), optionally spectrally normalised as in DDU."""
+"""ResNet-18 layouts (3x3 stem for small images, or the standard 7x7 stem + max-pool), optionally as in DDU."""
 
 from __future__ import annotations
 
@@ -56,10 +56,12 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(FeatureClassifier):
-    """ResNet for small images: 3x3 stem, no max-pool, four stages of basic blocks.
+    """ResNet: a stem, then four stages of basic blocks, global average pooling and a linear head.
 
-    With ``spectral_norm=True, activation="leaky_relu", avgpool_shortcut=True`` this is the DDU / DeDUCE
-    classifier (REFERENCE.md); with the defaults it is the plain ResNet-18 used for JSMA.
+    With ``spectral_norm=True, activation="leaky_relu", avgpool_shortcut=True`` (3x3 stem) this is the DDU /
+    DeDUCE classifier (REFERENCE.md). With ``stem="imagenet"`` and the other defaults it is the standard
+    ResNet-18 (7x7 stride-2 stem and 3x3 stride-2 max-pool: a 28x28 digit is 7x7 after the stem) that the DeDUCE
+    reference code trains without spectral normalisation as the classifier JSMA explains.
 
     Args:
         in_channels: image channels.
@@ -71,6 +73,8 @@ class ResNet(FeatureClassifier):
         activation: ``"relu"`` or ``"leaky_relu"`` (slope 0.01).
         avgpool_shortcut: parameter-free average-pool shortcuts instead of 1x1 conv projections.
         image_size: the input size the model is built for (checked, not required by the architecture).
+        stem: ``"small"`` (3x3 convolution, stride 1, no max-pool) or ``"imagenet"`` (7x7 convolution, stride 2,
+            then a 3x3 max-pool of stride 2).
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class ResNet(FeatureClassifier):
         activation: Literal["relu", "leaky_relu"] = "relu",
         avgpool_shortcut: bool = False,
         image_size: int | None = None,
+        stem: Literal["small", "imagenet"] = "small",
     ):
         super().__init__()
         if in_channels < 1 or num_classes < 2 or width < 1:
@@ -93,8 +98,15 @@ class ResNet(FeatureClassifier):
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.image_size = image_size
+        if stem not in ("small", "imagenet"):
+            raise ValueError(f'stem must be "small" or "imagenet", got {stem!r}')
         act: nn.Module = nn.LeakyReLU(0.01) if activation == "leaky_relu" else nn.ReLU()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), act)
+        if stem == "small":
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), act)
+        else:
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), act, nn.MaxPool2d(3, 2, 1)
+            )
         stages = []
         channels = width
         for stage, count in enumerate(blocks):
