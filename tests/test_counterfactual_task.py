@@ -300,3 +300,56 @@ def test_embedded_mnist_configs_run_deduce_and_jsma(tmp_path, monkeypatch):
         assert ("test/nll" in cli.trainer.callback_metrics) == (method == "deduce")
         changed = (results["counterfactuals"] != results["originals"]).flatten(1).sum(1)
         assert torch.equal(results["l0"], changed.double())
+
+
+def test_celeba_configs_fit_dep_and_run_disc_on_fake_celeba(celeba_root, tmp_path, monkeypatch):
+    """configs/dep/celeba_smiling.yaml and the CelebA DISC config, end to end on CelebA's file layout (tiny sizes)."""
+    monkeypatch.chdir(tmp_path)
+    data = [
+        f"--data.init_args.root={celeba_root}",
+        "--data.init_args.image_size=32",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.pin_memory=false",
+        "--trainer.enable_progress_bar=false",
+    ]
+    main(
+        [
+            "fit",
+            "-c",
+            str(REPO / "configs" / "dep" / "celeba_smiling.yaml"),
+            *data,
+            "--data.init_args.batch_size=4",  # even batches for the ranking loss: 8 training faces
+            "--model.init_args.network.init_args.width=4",
+            "--trainer.max_epochs=1",
+            f"--checkpoint.dirpath={tmp_path / 'dep'}",
+        ]
+    )
+    checkpoint = tmp_path / "dep" / "last.ckpt"
+    explainer = "--model.explainer.init_args"
+    cli = main(
+        [
+            "test",
+            "-c",
+            str(REPO / "configs" / "counterfactual" / "celeba_smiling_lso_inr_dep.yaml"),
+            *data,
+            "--data.init_args.eval_batch_size=2",
+            f"--model.classifier={checkpoint}",
+            f"{explainer}.loss_predictor={checkpoint}",
+            f"{explainer}.prior_options={{width: 16, depth: 2, num_frequencies: 8, sigma: 10.0, omega_0: 30.0}}",
+            f"{explainer}.reconstruction_steps=5",
+            f"{explainer}.steps_per_stage=2",
+            f"{explainer}.max_iterations=6",
+            "--model.targets=others",  # the other class for each of the 2 test faces, whatever the tiny net predicts
+            "--model.target_class=null",
+            f"--model.output_dir={tmp_path / 'out'}",
+        ]
+    )
+    results = load_counterfactual_results(tmp_path / "out" / "counterfactuals.pt")
+    assert results["index"].tolist() == [10, 11]  # the two faces of the test partition
+    assert results["counterfactuals"].shape == (2, 3, 32, 32)
+    assert results["counterfactuals"].min() >= 0 and results["counterfactuals"].max() <= 1
+    assert (results["iterations"] <= 6).all()
+    assert cli.trainer.callback_metrics["test/pairs"] == 2
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text(), parse_constant=pytest.fail)  # strict JSON
+    assert written["method"] == "DISC" and written["metrics"]["pairs"] == 2
+    assert (written["metrics"]["l0"] is None) == (not results["success"].any())  # no success: nothing to average

@@ -9,6 +9,7 @@ test query with its targets, runs the explainer (batched), logs the metric table
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -382,8 +383,10 @@ class CounterfactualTask(L.LightningModule):
             {"format": RESULTS_FORMAT, "method": method, "classifier": classifier, "summary": summary, **pairs},
             folder / RESULTS_FILENAME,
         )
-        info = {"method": method, "classifier": classifier, "targets": self.targets, "metrics": summary}
-        _atomic_write_text(json.dumps(info, indent=2) + "\n", folder / "metrics.json")
+        # strict JSON: a metric without successful pairs to average over (NaN) is written as null
+        metrics = {name: value if math.isfinite(value) else None for name, value in summary.items()}
+        info = {"method": method, "classifier": classifier, "targets": self.targets, "metrics": metrics}
+        _atomic_write_text(json.dumps(info, indent=2, allow_nan=False) + "\n", folder / "metrics.json")
         shown = min(self.grid_size, len(pairs["index"]))
         if shown:
             originals, counterfactuals = pairs["originals"][:shown], pairs["counterfactuals"][:shown]
