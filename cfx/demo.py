@@ -19,7 +19,7 @@ from torchvision.utils import save_image
 from cfx.cli import main as cli_main
 from cfx.data import EmbeddedMNIST
 from cfx.metrics import intersection_table, markdown_table
-from cfx.tasks import fit_and_save_class_gaussians, load_counterfactual_results
+from cfx.tasks import fit_and_save_class_gaussians, frame_failures, load_counterfactual_results
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -68,7 +68,7 @@ def picture_grid(results: dict[str, dict], path: Path) -> None:
     """Write one row per (query, target) pair every method explained.
 
     A row holds the query, then per method the counterfactual and the difference (a failed search shows its last
-    iterate; the tables count successes only).
+    iterate in a red frame; the tables count successes only).
     """
     keys = {name: list(zip(r["index"].tolist(), r["target"].tolist(), strict=True)) for name, r in results.items()}
     common = sorted(set.intersection(*(set(k) for k in keys.values())))
@@ -77,11 +77,13 @@ def picture_grid(results: dict[str, dict], path: Path) -> None:
     rows = []
     for pair in common:
         first = next(iter(results))
-        row = [results[first]["originals"][keys[first].index(pair)]]
+        row = [results[first]["originals"][keys[first].index(pair)].float().expand(3, -1, -1)]
         for name, result in results.items():
             position = keys[name].index(pair)
-            counterfactual = result["counterfactuals"][position]
-            row += [counterfactual, (counterfactual - result["originals"][position] + 1) / 2]
+            counterfactual = result["counterfactuals"][position : position + 1].float()
+            difference = (counterfactual - result["originals"][position : position + 1].float() + 1) / 2
+            row += [frame_failures(counterfactual, result["success"][position : position + 1])[0]]
+            row.append(difference[0].expand(3, -1, -1))
         rows.append(torch.stack(row))
     path.parent.mkdir(parents=True, exist_ok=True)
     tiles = torch.nn.functional.interpolate(torch.cat(rows).float(), scale_factor=4, mode="nearest")  # visible digits

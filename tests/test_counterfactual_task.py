@@ -16,7 +16,7 @@ from cfx.metrics import intersection_table
 from cfx.metrics.functional import concentration, l0_distance, l1_distance, mse
 from cfx.nn import SmallCNN
 from cfx.tasks import ClassificationTask, CounterfactualTask, fit_and_save_class_gaussians, load_classifier
-from cfx.tasks.counterfactual import load_counterfactual_results, random_targets
+from cfx.tasks.counterfactual import frame_failures, load_counterfactual_results, random_targets
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3
@@ -353,3 +353,17 @@ def test_celeba_configs_fit_dep_and_run_disc_on_fake_celeba(celeba_root, tmp_pat
     written = json.loads((tmp_path / "out" / "metrics.json").read_text(), parse_constant=pytest.fail)  # strict JSON
     assert written["method"] == "DISC" and written["metrics"]["pairs"] == 2
     assert (written["metrics"]["l0"] is None) == (not results["success"].any())  # no success: nothing to average
+
+
+def test_failed_counterfactuals_get_a_red_frame():
+    images = torch.rand(3, 1, 4, 5, generator=torch.Generator().manual_seed(0))
+    framed = frame_failures(images, torch.tensor([True, False, True]))
+    assert framed.shape == (3, 3, 4, 5)
+    assert torch.equal(framed[[0, 2]], images[[0, 2]].expand(-1, 3, -1, -1))  # successes: grey, unchanged
+    border = torch.ones(4, 5, dtype=torch.bool)
+    border[1:3, 1:4] = False
+    for channel, value in enumerate((1.0, 0.0, 0.0)):
+        assert (framed[1, channel][border] == value).all()
+        assert torch.equal(framed[1, channel][~border], images[1, 0][~border])
+    colour = torch.rand(2, 3, 4, 5)
+    assert torch.equal(frame_failures(colour, torch.tensor([True, True])), colour)

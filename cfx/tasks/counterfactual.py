@@ -81,6 +81,19 @@ def _atomic_write_text(text: str, path: Path) -> None:
     os.replace(temporary, path)
 
 
+def frame_failures(counterfactuals: Tensor, success: Tensor) -> Tensor:
+    """RGB copies of ``counterfactuals`` (``(N, C, H, W)``, C = 1 or 3), a red one-pixel frame where not ``success``.
+
+    A failed search returns its last iterate, which looks like a counterfactual: the frame tells them apart in a grid.
+    """
+    rgb = counterfactuals.float().expand(-1, 3, -1, -1)
+    frame = torch.zeros(rgb.shape[-2:], dtype=torch.bool, device=rgb.device)
+    frame[[0, -1], :] = True
+    frame[:, [0, -1]] = True
+    red = torch.tensor([1.0, 0.0, 0.0], device=rgb.device).view(1, 3, 1, 1)
+    return torch.where(~success.bool().view(-1, 1, 1, 1) & frame, red, rgb)
+
+
 def load_counterfactual_results(path: str | Path) -> dict[str, Any]:
     """Read a ``counterfactuals.pt`` written by :class:`CounterfactualTask`.
 
@@ -389,9 +402,11 @@ class CounterfactualTask(L.LightningModule):
         _atomic_write_text(json.dumps(info, indent=2, allow_nan=False) + "\n", folder / "metrics.json")
         shown = min(self.grid_size, len(pairs["index"]))
         if shown:
-            originals, counterfactuals = pairs["originals"][:shown], pairs["counterfactuals"][:shown]
+            originals, counterfactuals = pairs["originals"][:shown].float(), pairs["counterfactuals"][:shown].float()
             difference = (counterfactuals - originals + 1) / 2  # grey = unchanged, bright = added, dark = removed
-            rows = torch.stack([originals, counterfactuals, difference], dim=1).flatten(0, 1)
+            framed = frame_failures(counterfactuals, pairs["success"][:shown])  # red frame: the search failed
+            tiles = [images.expand(-1, 3, -1, -1) for images in (originals, framed, difference)]
+            rows = torch.stack(tiles, dim=1).flatten(0, 1)
             temporary = folder / ".grid.tmp.png"
             save_image(rows.float().clamp(0, 1), temporary, nrow=3, padding=2, pad_value=1.0)
             os.replace(temporary, folder / "grid.png")
