@@ -241,6 +241,10 @@ if __name__ == "__main__":
         "another --checkpoint-root then)",
     )
     arguments = parser.parse_args()
+    if not 1 <= arguments.loop_queries <= 64:
+        parser.error(
+            f"--loop-queries must lie in 1..64 (the batch timed against the loop), got {arguments.loop_queries}"
+        )
     numbers = run(arguments)
     print(markdown(numbers))
     if arguments.json is not None:
