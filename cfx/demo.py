@@ -74,19 +74,22 @@ def picture_grid(results: dict[str, dict], path: Path) -> None:
     common = sorted(set.intersection(*(set(k) for k in keys.values())))
     if not common:
         return
+    rgb = {name: r["originals"].float().expand(-1, 3, -1, -1) for name, r in results.items()}
+    framed = {name: frame_failures(r["counterfactuals"], r["success"]) for name, r in results.items()}
+    differences = {
+        name: ((r["counterfactuals"].float() - r["originals"].float() + 1) / 2).expand(-1, 3, -1, -1)
+        for name, r in results.items()
+    }
     rows = []
     for pair in common:
         first = next(iter(results))
-        row = [results[first]["originals"][keys[first].index(pair)].float().expand(3, -1, -1)]
-        for name, result in results.items():
+        row = [rgb[first][keys[first].index(pair)]]
+        for name in results:
             position = keys[name].index(pair)
-            counterfactual = result["counterfactuals"][position : position + 1].float()
-            difference = (counterfactual - result["originals"][position : position + 1].float() + 1) / 2
-            row += [frame_failures(counterfactual, result["success"][position : position + 1])[0]]
-            row.append(difference[0].expand(3, -1, -1))
+            row += [framed[name][position], differences[name][position]]
         rows.append(torch.stack(row))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tiles = torch.nn.functional.interpolate(torch.cat(rows).float(), scale_factor=4, mode="nearest")  # visible digits
+    tiles = torch.nn.functional.interpolate(torch.cat(rows), scale_factor=4, mode="nearest")  # visible digits
     save_image(tiles.clamp(0, 1), path, nrow=1 + 2 * len(results), padding=4, pad_value=1.0)
 
 

@@ -14,6 +14,7 @@ from cfx.cli import main
 from cfx.data import SyntheticImages
 from cfx.nn import SmallCNN
 from cfx.tasks import ClassificationTask, load_classifier
+from tests.config_helpers import tiny_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -21,12 +22,7 @@ TRAINER_ONLY = {"trainer"}
 
 TINY = {
     "seed_everything": 0,
-    "trainer": {
-        "max_epochs": 1,
-        "accelerator": "cpu",
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    },
+    "trainer": tiny_trainer(),
     "model": {
         "class_path": "cfx.tasks.ClassificationTask",
         "init_args": {

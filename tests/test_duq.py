@@ -11,6 +11,7 @@ from torch import nn
 from cfx.cli import main
 from cfx.nn import DUQFeatureClassifier, DUQHead, duq_uncertainty, gradient_penalty, kernel_margin_loss
 from cfx.tasks import DUQTask, load_classifier, load_duq_classifier
+from tests.config_helpers import tiny_trainer
 from tests.distributed import run_distributed
 
 
@@ -112,13 +113,7 @@ def test_two_process_centroid_update_equals_one_process():
 
 TINY_DUQ = {
     "seed_everything": 0,
-    "trainer": {
-        "max_epochs": 1,
-        "accelerator": "cpu",
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "limit_train_batches": 3,
-    },
+    "trainer": tiny_trainer(limit_train_batches=3),
     "model": {
         "class_path": "cfx.tasks.DUQTask",
         "init_args": {

@@ -19,6 +19,7 @@ from cfx.tasks import (
     fit_and_save_class_gaussians,
     load_classifier_and_gaussians,
 )
+from tests.config_helpers import tiny_trainer
 from tests.distributed import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,13 +168,7 @@ def test_two_process_fit_equals_one_process():
 
 TINY_CLASSIFIER = {
     "seed_everything": 0,
-    "trainer": {
-        "max_epochs": 1,
-        "accelerator": "cpu",
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "limit_train_batches": 2,
-    },
+    "trainer": tiny_trainer(limit_train_batches=2),
     "model": {
         "class_path": "cfx.tasks.ClassificationTask",
         "init_args": {"network": {"class_path": "cfx.nn.SmallCNN", "init_args": {"channels": [4], "hidden": 5}}},

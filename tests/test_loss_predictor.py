@@ -9,6 +9,7 @@ import yaml
 from cfx.cli import main
 from cfx.nn import LossPredictor, SmallCNN, pairwise_ranking_loss
 from cfx.tasks import DEPTask, load_classifier, load_loss_predicting_classifier
+from tests.config_helpers import tiny_trainer
 
 
 def test_ranking_loss_equals_hand_computed_values():
@@ -61,13 +62,7 @@ def test_loss_predictor_pools_each_stage():
 
 TINY_DEP = {
     "seed_everything": 0,
-    "trainer": {
-        "max_epochs": 1,
-        "accelerator": "cpu",
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "limit_train_batches": 3,
-    },
+    "trainer": tiny_trainer(limit_train_batches=3),
     "model": {
         "class_path": "cfx.tasks.DEPTask",
         "init_args": {

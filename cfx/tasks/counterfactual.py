@@ -408,5 +408,5 @@ class CounterfactualTask(L.LightningModule):
             tiles = [images.expand(-1, 3, -1, -1) for images in (originals, framed, difference)]
             rows = torch.stack(tiles, dim=1).flatten(0, 1)
             temporary = folder / ".grid.tmp.png"
-            save_image(rows.float().clamp(0, 1), temporary, nrow=3, padding=2, pad_value=1.0)
+            save_image(rows.clamp(0, 1), temporary, nrow=3, padding=2, pad_value=1.0)
             os.replace(temporary, folder / "grid.png")
