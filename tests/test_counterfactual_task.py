@@ -17,6 +17,7 @@ from cfx.metrics.functional import concentration, l0_distance, l1_distance, mse
 from cfx.nn import SmallCNN
 from cfx.tasks import ClassificationTask, CounterfactualTask, fit_and_save_class_gaussians, load_classifier
 from cfx.tasks.counterfactual import frame_failures, load_counterfactual_results, random_targets
+from tests.config_helpers import tiny_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3
@@ -75,12 +76,7 @@ def classifier_checkpoint(tmp_path_factory) -> Path:
 def _config(tmp_path: Path, checkpoint: Path, **task_args) -> Path:
     config = {
         "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "inference_mode": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-        },
+        "trainer": tiny_trainer(inference_mode=False),
         "model": {
             "class_path": "cfx.tasks.CounterfactualTask",
             "init_args": {
