@@ -28,7 +28,8 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
     try:
         torch.save(fn(rank, world_size, *args), Path(out_dir) / f"{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # ``fn`` may have destroyed it already
+            dist.destroy_process_group()
 
 
 def run_distributed(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> list[Any]:

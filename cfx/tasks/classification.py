@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from cfx.distributed import destroy_process_group_at_exit
 from cfx.nn.classifier import FeatureClassifier
 
 STAGES = ("train", "val", "test")
@@ -50,6 +51,7 @@ class ClassificationTask(L.LightningModule):
         return MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro")}, prefix=f"{stage}/")
 
     def setup(self, stage: str) -> None:
+        destroy_process_group_at_exit()
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
             check_data_matches(self.network, datamodule)

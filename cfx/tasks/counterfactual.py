@@ -23,6 +23,7 @@ from torch import Tensor
 from torchvision.utils import save_image
 
 from cfx.counterfactual.base import Explainer
+from cfx.distributed import destroy_process_group_at_exit
 from cfx.io import atomic_torch_save
 from cfx.metrics.counterfactual import CounterfactualMetrics
 from cfx.metrics.functional.counterfactual import _counterfactual_update, feature_nll, sort_record
@@ -253,6 +254,7 @@ class CounterfactualTask(L.LightningModule):
 
     # -- hooks ------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        destroy_process_group_at_exit()
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "num_classes"):
             check_data_matches(self.network, datamodule)
