@@ -18,6 +18,7 @@ from cfx.nn import SmallCNN
 from cfx.tasks import ClassificationTask, CounterfactualTask, fit_and_save_class_gaussians, load_classifier
 from cfx.tasks.counterfactual import frame_failures, load_counterfactual_results, random_targets
 from tests.config_helpers import tiny_trainer
+from tests.trainers import quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3
@@ -60,14 +61,7 @@ def classifier_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("classifier") / "last.ckpt"
     task = ClassificationTask(SmallCNN(in_channels=1, num_classes=NUM_CLASSES, channels=(4, 8), hidden=16))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=8,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_steps=8)
     trainer.fit(task, _synthetic())
     trainer.save_checkpoint(path)
     return path
@@ -238,26 +232,14 @@ def test_missing_corrupt_and_foreign_result_files_are_clear_errors(tmp_path):
         load_counterfactual_results(tmp_path / "partial.pt")
 
 
-def _test_trainer(devices: int) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
-        inference_mode=False,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-
-
 @pytest.mark.ddp
 def test_two_process_run_equals_one_process(classifier_checkpoint, tmp_path):
     # 13 queries in batches of 3: the two processes get 7 and 6 queries, in batches of uneven size
     results, metrics = {}, {}
     for devices in (1, 2):
         task = _task(classifier_checkpoint, output_dir=str(tmp_path / str(devices)), max_queries=13, targets="random")
-        metrics[devices] = _test_trainer(devices).test(task, _synthetic(eval_batch_size=3), verbose=False)[0]
+        trainer = quiet_trainer(devices, inference_mode=False)
+        metrics[devices] = trainer.test(task, _synthetic(eval_batch_size=3), verbose=False)[0]
         results[devices] = load_counterfactual_results(tmp_path / str(devices) / "counterfactuals.pt")
     assert metrics[1]["test/pairs"] == len(results[1]["index"]) > 0
     for key, value in metrics[1].items():

@@ -1,25 +1,12 @@
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 
 from cfx.data import SyntheticImages
 from cfx.nn import SmallCNN
 from cfx.tasks import ClassificationTask
-
-
-def _trainer(devices: int, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+from tests.trainers import quiet_trainer
 
 
 @pytest.mark.ddp
@@ -28,10 +15,10 @@ def test_two_process_test_metrics_equal_one_process():
     # 3 classes x 105 samples: a 63-sample test split that two ranks cannot share evenly (no padding allowed).
     datamodule = SyntheticImages(num_samples=315, num_classes=3, noise=0.6, batch_size=16, eval_batch_size=8)
     task = ClassificationTask(SmallCNN(in_channels=1, num_classes=3, channels=(4, 8), hidden=16))
-    _trainer(1, max_steps=6).fit(task, datamodule)
+    quiet_trainer(1, max_steps=6).fit(task, datamodule)
     assert len(datamodule.dataset("test")) == 63
-    single = _trainer(1).test(task, datamodule, verbose=False)[0]
-    double = _trainer(2).test(task, datamodule, verbose=False)[0]
+    single = quiet_trainer(1).test(task, datamodule, verbose=False)[0]
+    double = quiet_trainer(2).test(task, datamodule, verbose=False)[0]
     # The noisy data keeps the accuracy away from 0 and 1, so a padded or dropped sample would show.
     assert 0.2 < single["test/acc"] < 0.95
     assert double["test/acc"] == pytest.approx(single["test/acc"], abs=1e-7)

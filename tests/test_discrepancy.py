@@ -15,6 +15,7 @@ from cfx.data import SyntheticImages
 from cfx.nn import SmallCNN
 from cfx.tasks import ClassificationTask, load_classifier
 from cfx.tasks.discrepancy import _recipe, classifier_discrepancy
+from tests.trainers import quiet_trainer
 
 SIZE = 8
 
@@ -32,9 +33,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     L.seed_everything(0, verbose=False)
     network = SmallCNN(in_channels=1, num_classes=2, channels=(4, 8), hidden=16, image_size=SIZE)
     task = ClassificationTask(network, optimizer=functools.partial(torch.optim.Adam, lr=3e-2))
-    trainer = L.Trainer(
-        max_epochs=20, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
-    )
+    trainer = quiet_trainer(max_epochs=20)
     trainer.fit(task, datamodule=binary_task())
     path = tmp_path_factory.mktemp("discrepancy") / "f.ckpt"
     trainer.save_checkpoint(path)

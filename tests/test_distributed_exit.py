@@ -11,7 +11,6 @@ import atexit
 import functools
 import tempfile
 
-import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
@@ -21,31 +20,21 @@ from cfx.data import SyntheticImages
 from cfx.nn import SmallCNN
 from cfx.tasks import ClassificationTask, CounterfactualTask, load_classifier
 from tests.distributed import run_distributed
-
-
-def _trainer() -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        inference_mode=False,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+from tests.trainers import quiet_trainer
 
 
 def _group_alive_after_exit_handlers(rank: int, world_size: int, checkpoint: str, task_kind: str) -> dict[str, bool]:
     atexit._run_exitfuncs()  # what the interpreter does at exit, before any task ran here
     alive_without_a_task = dist.is_initialized()
     datamodule = SyntheticImages(num_samples=60, num_classes=3, batch_size=8, eval_batch_size=8)
+    trainer = quiet_trainer(inference_mode=False)
     with tempfile.TemporaryDirectory() as output_dir:
         if task_kind == "classification":
-            _trainer().validate(ClassificationTask(load_classifier(checkpoint)), datamodule, verbose=False)
+            trainer.validate(ClassificationTask(load_classifier(checkpoint)), datamodule, verbose=False)
         else:
             explainer = functools.partial(JSMA, max_iterations=2)
             task = CounterfactualTask(checkpoint, explainer, max_queries=2, output_dir=output_dir)
-            _trainer().test(task, datamodule, verbose=False)
+            trainer.test(task, datamodule, verbose=False)
     alive_after_the_run = dist.is_initialized()
     atexit._run_exitfuncs()
     return {
@@ -59,7 +48,7 @@ def _group_alive_after_exit_handlers(rank: int, world_size: int, checkpoint: str
 @pytest.mark.parametrize("task_kind", ["classification", "counterfactual"])
 def test_a_task_run_under_a_gloo_group_destroys_the_group_at_exit(tmp_path, task_kind):
     torch.manual_seed(0)
-    trainer = _trainer()
+    trainer = quiet_trainer()
     task = ClassificationTask(SmallCNN(in_channels=1, num_classes=3, channels=(4, 8), hidden=16))
     trainer.validate(task, SyntheticImages(num_samples=60, num_classes=3, batch_size=8), verbose=False)
     trainer.save_checkpoint(tmp_path / "classifier.ckpt")

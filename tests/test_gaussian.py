@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
@@ -21,6 +20,7 @@ from cfx.tasks import (
 )
 from tests.config_helpers import tiny_trainer
 from tests.distributed import run_distributed
+from tests.trainers import quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -202,17 +202,7 @@ def test_cli_fit_with_the_ddu_config_saves_gaussians_next_to_the_checkpoint(tmp_
 def test_callback_under_two_process_ddp_saves_the_one_process_fit(tmp_path):
     datamodule, network = _data_and_network()
     task = ClassificationTask(network)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[FitClassGaussians(dirpath=str(tmp_path))],
-    )
+    trainer = quiet_trainer(2, max_steps=2, callbacks=[FitClassGaussians(dirpath=str(tmp_path))])
     trainer.fit(task, datamodule)
     saved = ClassGaussians.load(tmp_path / "class_gaussians.pt")
     # ddp_spawn hands the trained weights back to this process: fit on all data here and compare
