@@ -191,9 +191,8 @@ def main() -> None:
     datamodule = instantiate_class((), read_yaml(args.classifier_config)["data"])
     options = {}
     for name in args.variants:
+        # manifold: dep reads the loss predictor from the DEP classifier that classifier_discrepancy loads
         options[name] = explainer_options(args.config_dir / f"embedded_mnist_binary_{VARIANTS[name]}.yaml")
-        if options[name].get("manifold") == "dep":
-            options[name]["loss_predictor"] = str(checkpoint)
     records = [
         run_variant(name, options[name], checkpoint, datamodule, seed, args)
         for seed in range(args.seeds)

@@ -18,6 +18,7 @@ from torchvision.utils import save_image
 
 from cfx.cli import main as cli_main
 from cfx.data import EmbeddedMNIST
+from cfx.io import atomic_path
 from cfx.metrics import intersection_table, markdown_table
 from cfx.tasks import fit_and_save_class_gaussians, frame_failures, load_counterfactual_results
 
@@ -88,9 +89,9 @@ def picture_grid(results: dict[str, dict], path: Path) -> None:
             position = keys[name].index(pair)
             row += [framed[name][position], differences[name][position]]
         rows.append(torch.stack(row))
-    path.parent.mkdir(parents=True, exist_ok=True)
     tiles = torch.nn.functional.interpolate(torch.cat(rows), scale_factor=4, mode="nearest")  # visible digits
-    save_image(tiles.clamp(0, 1), path, nrow=1 + 2 * len(results), padding=4, pad_value=1.0)
+    with atomic_path(path) as temporary:
+        save_image(tiles.clamp(0, 1), temporary, format="png", nrow=1 + 2 * len(results), padding=4, pad_value=1.0)
 
 
 def main(arguments: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Tiny classifiers and checks shared by the explainer tests (test_deduce.py, test_jsma.py, test_wachter.py)."""
+"""Tiny classifiers and checks shared by the explainer tests (test_explainer_contract.py and one file per method)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
-from cfx.counterfactual import CounterfactualResult, Explainer
+from cfx.counterfactual import Explainer
 from cfx.data import EmbeddedMNIST
 from cfx.nn import ClassGaussians, FeatureClassifier
 
@@ -149,25 +149,24 @@ def queries(classifier: FeatureClassifier, count: int, seed: int = 0) -> tuple[T
     return images, targets
 
 
-def assert_batch_invariant(explainer: Explainer, images: Tensor, targets: Tensor, tolerance: float = 1e-6) -> None:
-    """A batched ``explain`` equals one call per query (up to ``tolerance``)."""
-    batch = explainer.explain(images, targets)
-    singles = [explainer.explain(images[i : i + 1], targets[i : i + 1]) for i in range(len(images))]
+def assert_batch_invariant(
+    explainer: Explainer, images: Tensor, targets: Tensor, indices: Tensor | None = None, tolerance: float = 0.0
+) -> None:
+    """A batched ``explain`` equals one call per query: images up to ``tolerance``, probabilities up to 1e-6 more.
+
+    The classifier's logits of a row differ in the last bits between batch sizes (matmul blocking), so the
+    reported probability can too even where the images are bit-identical.
+    """
+    indices = torch.arange(len(images)) if indices is None else indices
+    batch = explainer.explain(images, targets, indices)
+    singles = [explainer.explain(images[i : i + 1], targets[i : i + 1], indices[i : i + 1]) for i in range(len(images))]
     for name in ("counterfactuals", "target_probability", "path"):
         batched = getattr(batch, name)
         if batched is None:
             assert all(getattr(single, name) is None for single in singles)
             continue
         stacked = torch.cat([getattr(single, name) for single in singles])
-        torch.testing.assert_close(batched, stacked, atol=tolerance, rtol=0)
+        atol = tolerance + (1e-6 if name == "target_probability" else 0.0)
+        torch.testing.assert_close(batched, stacked, atol=atol, rtol=0, msg=name)
     for name in ("success", "original_prediction", "iterations"):
         assert torch.equal(getattr(batch, name), torch.cat([getattr(single, name) for single in singles])), name
-
-
-def assert_unchanged_where_predicted(result: CounterfactualResult, images: Tensor, targets: Tensor) -> None:
-    """Queries whose target is the prediction come back unchanged, successful, after 0 iterations."""
-    same = result.original_prediction == targets
-    assert same.any()
-    assert torch.equal(result.counterfactuals[same], images[same])
-    assert result.success[same].all()
-    assert (result.iterations[same] == 0).all()

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import importlib.metadata
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,5 +150,80 @@ def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         load_classifier(tmp_path / "absent.ckpt")
     (tmp_path / "corrupt.ckpt").write_bytes(b"\x80\x04 truncated")
-    with pytest.raises(ValueError, match="not a readable cfx checkpoint"):
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
         load_classifier(tmp_path / "corrupt.ckpt")
+
+
+def test_help_starts_with_what_cfx_is_and_version_prints_it(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    usage, description = help_text.split("\n\n")[:2]
+    assert usage.startswith("usage: cfx ") and description == "cfx: counterfactual explanations of image classifiers."
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"cfx {importlib.metadata.version('cfx')}\n"
+
+
+@pytest.fixture(scope="module")
+def cli_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """A ClassificationTask and a DEPTask checkpoint written by `cfx fit` (1 epoch each)."""
+    folder = tmp_path_factory.mktemp("cli_checkpoints")
+    paths = {}
+    for name, task in (("classification", "cfx.tasks.ClassificationTask"), ("dep", "cfx.tasks.DEPTask")):
+        config = yaml.safe_load(yaml.safe_dump(TINY))
+        config["model"]["class_path"] = task
+        config["trainer"]["default_root_dir"] = str(folder / name)
+        config["trainer"]["logger"] = False
+        path = folder / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        main(["fit", "-c", str(path), f"--checkpoint.dirpath={folder / name}"])
+        paths[name] = folder / name / "last.ckpt"
+    paths["config"] = folder / "classification.yaml"
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("missing", r"no checkpoint at .*absent\.ckpt"),
+        ("empty", r"empty\.ckpt is empty \(0 bytes\), expected a Lightning \.ckpt"),
+        ("truncated", r"truncated\.ckpt is not a readable checkpoint, expected a Lightning \.ckpt"),
+        (
+            "other task",
+            r"dep/last\.ckpt is a checkpoint of cfx\.tasks\..*DEPTask, the config's model is .*ClassificationTask",
+        ),
+    ],
+)
+def test_bad_ckpt_path_is_one_line_naming_the_file(cli_checkpoints, tmp_path, capsys, case, expected):
+    real = cli_checkpoints["classification"].read_bytes()
+    paths = {
+        "missing": tmp_path / "absent.ckpt",
+        "empty": tmp_path / "empty.ckpt",
+        "truncated": tmp_path / "truncated.ckpt",
+        "other task": cli_checkpoints["dep"],
+    }
+    paths["empty"].write_bytes(b"")
+    paths["truncated"].write_bytes(real[: len(real) // 2])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "-c", str(cli_checkpoints["config"]), f"--ckpt_path={paths[case]}"])
+    assert exit_info.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(expected, last_line), last_line
+    assert "Traceback" not in last_line
+
+
+def test_the_real_checkpoint_of_the_configured_task_runs(cli_checkpoints, tmp_path):
+    checkpoint = cli_checkpoints["classification"]
+    cli = main(
+        [
+            "test",
+            "-c",
+            str(cli_checkpoints["config"]),
+            f"--ckpt_path={checkpoint}",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    assert 0 <= cli.trainer.callback_metrics["test/acc"] <= 1

@@ -7,6 +7,14 @@ import torch
 
 from cfx.metrics import CounterfactualMetrics, intersection_table, markdown_table
 from cfx.metrics.functional import concentration, feature_nll, l0_distance, l1_distance, mse, sort_record
+from cfx.metrics.functional.counterfactual import (
+    PAIR_SCHEMA,
+    PairInputs,
+    check_record,
+    empty_record,
+    measure_pairs,
+    record_keys,
+)
 from cfx.nn import ClassGaussians
 from tests.distributed import run_distributed
 
@@ -20,6 +28,8 @@ def _pairs(num_pairs: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
     return {
         "indices": torch.arange(num_pairs) // 3 + 100,
         "targets": torch.arange(num_pairs) % 3,
+        "labels": (torch.arange(num_pairs) + 1) % 3,
+        "predictions": (torch.arange(num_pairs) + 2) % 3,
         "originals": originals,
         "counterfactuals": (originals + changed * step).clamp(0, 1),
         "success": torch.rand(num_pairs, generator=generator) < 0.7,
@@ -29,18 +39,24 @@ def _pairs(num_pairs: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
+def _given(pairs: dict[str, torch.Tensor], rows, nll: bool) -> dict[str, torch.Tensor]:
+    """The record entries a caller gives (everything but the measured distances and time)."""
+    names = {
+        "index": "indices",
+        "target": "targets",
+        "label": "labels",
+        "original_prediction": "predictions",
+        "success": "success",
+        "target_probability": "target_probability",
+        "iterations": "iterations",
+        **({"nll": "nll"} if nll else {}),
+    }
+    return {key: pairs[name][rows] for key, name in names.items()}
+
+
 def _update(metric: CounterfactualMetrics, pairs: dict[str, torch.Tensor], rows, seconds: float = 1.0) -> None:
-    metric.update(
-        pairs["indices"][rows],
-        pairs["targets"][rows],
-        pairs["originals"][rows],
-        pairs["counterfactuals"][rows],
-        pairs["success"][rows],
-        pairs["target_probability"][rows],
-        pairs["iterations"][rows],
-        seconds=seconds,
-        nll=pairs["nll"][rows] if metric.realism else None,
-    )
+    inputs = PairInputs(pairs["originals"][rows], pairs["counterfactuals"][rows], seconds=seconds)
+    metric.update(measure_pairs(inputs, _given(pairs, rows, metric.realism)))
 
 
 def test_distances_equal_direct_computation():
@@ -106,15 +122,53 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="tolerance must be >= 0"):
         l0_distance(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), tolerance=-1)
     pairs = _pairs(4)
-    images = [pairs[k] for k in ("originals", "counterfactuals", "success", "target_probability", "iterations")]
+    inputs = PairInputs(pairs["originals"], pairs["counterfactuals"])
     with pytest.raises(ValueError, match=r"shape \(4,\)"):
-        CounterfactualMetrics().update(pairs["indices"][:3], pairs["targets"], *images)
+        measure_pairs(inputs, {**_given(pairs, slice(None), nll=False), "index": pairs["indices"][:3]})
+    with pytest.raises(ValueError, match=r"missing \['iterations'\]"):
+        measure_pairs(
+            inputs, {key: value for key, value in _given(pairs, slice(None), False).items() if key != "iterations"}
+        )
+    with pytest.raises(ValueError, match=r"measured here \['l1'\]"):
+        measure_pairs(inputs, {**_given(pairs, slice(None), nll=False), "l1": torch.zeros(4)})
     with pytest.raises(ValueError, match="realism=False"):
-        CounterfactualMetrics().update(pairs["indices"], pairs["targets"], *images, nll=pairs["nll"])
+        CounterfactualMetrics().update(measure_pairs(inputs, _given(pairs, slice(None), nll=True)))
     with pytest.raises(ValueError, match="nll is required"):
-        CounterfactualMetrics(realism=True).update(pairs["indices"], pairs["targets"], *images)
+        CounterfactualMetrics(realism=True).update(measure_pairs(inputs, _given(pairs, slice(None), nll=False)))
     with pytest.raises(ValueError, match="seconds must be finite"):
-        CounterfactualMetrics().update(pairs["indices"], pairs["targets"], *images, seconds=-1.0)
+        PairInputs(pairs["originals"], pairs["counterfactuals"], seconds=-1.0)
+    with pytest.raises(ValueError, match="l0_tolerance must be >= 0"):
+        PairInputs(pairs["originals"], pairs["counterfactuals"], l0_tolerance=-0.1)
+    record = measure_pairs(inputs, _given(pairs, slice(None), nll=False))
+    with pytest.raises(ValueError, match=r"wrong dtype: \{'iterations': 'torch.float64, expected torch.int64'\}"):
+        CounterfactualMetrics().update({**record, "iterations": record["iterations"].double()})
+
+
+def test_the_schema_drives_records_metric_states_and_empty_records():
+    pairs = _pairs(5)
+    inputs = PairInputs(pairs["originals"], pairs["counterfactuals"], seconds=2.5, l0_tolerance=0.1)
+    record = measure_pairs(inputs, _given(pairs, slice(None), nll=True))
+    assert list(record) == list(PAIR_SCHEMA)  # every entry, in schema order
+    assert {key: value.dtype for key, value in record.items()} == {key: f.dtype for key, f in PAIR_SCHEMA.items()}
+    x, y = pairs["originals"], pairs["counterfactuals"]
+    assert torch.equal(record["l0"], l0_distance(x, y, tolerance=0.1)) and torch.equal(record["mse"], mse(x, y))
+    assert record["seconds"].tolist() == [0.5] * 5 and torch.equal(record["iterations"], pairs["iterations"])
+    assert check_record(record) == 5
+    for realism in (False, True):
+        metric = CounterfactualMetrics(realism=realism)
+        optional = ("nll",) if realism else ()
+        assert metric.keys == record_keys(optional) == tuple(empty_record(optional))
+        assert tuple(metric._defaults) == metric.keys  # one cat state per entry
+        metric.update({key: record[key] for key in metric.keys})
+        assert {key: value.dtype for key, value in metric.record().items()} == {
+            key: PAIR_SCHEMA[key].dtype for key in metric.keys
+        }
+    empty = empty_record(("nll",))
+    assert list(empty) == list(PAIR_SCHEMA) and check_record(empty) == 0
+    assert all(value.dtype == PAIR_SCHEMA[key].dtype for key, value in empty.items())
+    assert "nll" not in empty_record()
+    with pytest.raises(ValueError, match="optional record entries are \\['nll'\\]"):
+        record_keys(("l1",))
 
 
 def _expected_summary(pairs: dict[str, torch.Tensor], seconds_total: float) -> dict[str, float]:
@@ -177,6 +231,8 @@ def _record(index, target, success, l0, seconds=None):
     return {
         "index": torch.tensor(index),
         "target": torch.tensor(target),
+        "label": torch.zeros(size, dtype=torch.long),
+        "original_prediction": torch.zeros(size, dtype=torch.long),
         "success": torch.tensor(success),
         "l0": torch.tensor(l0, dtype=torch.float64),
         "l1": torch.tensor(l0, dtype=torch.float64) / 10,

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.metadata
 import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -10,10 +14,13 @@ import yaml
 from PIL import Image
 
 from cfx.cli import main
+from cfx.counterfactual import JSMA, DeDUCE
 from cfx.counterfactual.base import CounterfactualResult, Explainer
 from cfx.data import EmbeddedMNIST, SyntheticImages
 from cfx.metrics import intersection_table
 from cfx.metrics.functional import concentration, l0_distance, l1_distance, mse
+from cfx.metrics.functional import counterfactual as functional_counterfactual
+from cfx.metrics.functional.counterfactual import PAIR_SCHEMA, check_record, record_keys
 from cfx.nn import SmallCNN
 from cfx.tasks import ClassificationTask, CounterfactualTask, fit_and_save_class_gaussians, load_classifier
 from cfx.tasks.counterfactual import frame_failures, load_counterfactual_results, random_targets
@@ -70,7 +77,7 @@ def classifier_checkpoint(tmp_path_factory) -> Path:
 def _config(tmp_path: Path, checkpoint: Path, **task_args) -> Path:
     config = {
         "seed_everything": 0,
-        "trainer": tiny_trainer(inference_mode=False),
+        "trainer": tiny_trainer(),  # no inference_mode: the task declares it
         "model": {
             "class_path": "cfx.tasks.CounterfactualTask",
             "init_args": {
@@ -121,7 +128,7 @@ def test_cli_test_runs_every_other_target_and_writes_the_results(classifier_chec
     direct = PatchExplainer(classifier).explain(results["originals"], results["target"], results["index"])
     assert torch.equal(results["counterfactuals"], direct.counterfactuals)
     assert torch.equal(results["success"], direct.success)
-    assert torch.allclose(results["target_probability"], direct.target_probability)
+    assert torch.allclose(results["target_probability"], direct.target_probability.double())  # schema: float64
     x, y, success = results["originals"], results["counterfactuals"], results["success"]
     assert torch.equal(results["l0"], l0_distance(x, y)) and torch.equal(results["concentration"], concentration(x, y))
     metrics = cli.trainer.callback_metrics
@@ -196,10 +203,15 @@ def test_bad_options_are_clear_errors(classifier_checkpoint):
         CounterfactualTask("absent.ckpt", PatchExplainer)
 
 
-def test_grad_disabled_trainer_is_a_clear_error(classifier_checkpoint, tmp_path):
+def test_a_default_trainer_works_and_outer_inference_mode_is_a_clear_error(classifier_checkpoint, tmp_path):
     task = _task(classifier_checkpoint, output_dir=str(tmp_path / "out"), max_queries=4)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    with pytest.raises(RuntimeError, match="inference_mode: false"):
+    assert trainer.test_loop.inference_mode  # Lightning's default, which the task overrides in setup
+    metrics = trainer.test(task, _synthetic(eval_batch_size=4), verbose=False)[0]
+    results = load_counterfactual_results(tmp_path / "out" / "counterfactuals.pt")
+    assert metrics["test/pairs"] == len(results["index"]) == 8  # 4 queries x the 2 classes they are not
+    assert not trainer.test_loop.inference_mode and not trainer.predict_loop.inference_mode
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"inside torch.inference_mode\(\)"):
         trainer.test(task, _synthetic(eval_batch_size=4), verbose=False)
 
 
@@ -242,10 +254,11 @@ def test_two_process_run_equals_one_process(classifier_checkpoint, tmp_path):
         metrics[devices] = trainer.test(task, _synthetic(eval_batch_size=3), verbose=False)[0]
         results[devices] = load_counterfactual_results(tmp_path / str(devices) / "counterfactuals.pt")
     assert metrics[1]["test/pairs"] == len(results[1]["index"]) > 0
-    for key, value in metrics[1].items():
+    for key, value in metrics[1].items():  # to the last digit: every per-pair value is batch-invariant
         if key != "test/seconds_per_counterfactual":
-            assert metrics[2][key] == pytest.approx(value, rel=1e-12, nan_ok=True), key
-    for key in ("index", "target", "success", "originals", "counterfactuals", "l0", "l1", "mse", "iterations"):
+            assert metrics[2][key] == value or math.isnan(value) and math.isnan(metrics[2][key]), key
+    per_pair = ("index", "target", "success", "originals", "counterfactuals", "l0", "l1", "mse", "iterations")
+    for key in (*per_pair, "target_probability"):
         assert torch.equal(results[1][key], results[2][key]), key
 
 
@@ -267,7 +280,7 @@ def test_embedded_mnist_configs_run_deduce_and_jsma(tmp_path, monkeypatch):
         "--trainer.enable_progress_bar=false",
     ]
     for method in ("deduce", "jsma"):
-        extra = [f"--model.gaussians={gaussians}", f"--model.explainer.init_args.gaussians={gaussians}"]
+        extra = [f"--model.gaussians={gaussians}"]  # one path: the task builds DeDUCE with its Gaussians
         config = REPO / "configs" / "counterfactual" / f"embedded_mnist_{method}.yaml"
         cli = main(["test", "-c", str(config), *overrides, *(extra if method == "deduce" else [])])
         results = load_counterfactual_results(
@@ -312,7 +325,6 @@ def test_celeba_configs_fit_dep_and_run_disc_on_fake_celeba(celeba_root, tmp_pat
             *data,
             "--data.init_args.eval_batch_size=2",
             f"--model.classifier={checkpoint}",
-            f"{explainer}.loss_predictor={checkpoint}",
             f"{explainer}.prior_options={{width: 16, depth: 2, num_frequencies: 8, sigma: 10.0, omega_0: 30.0}}",
             f"{explainer}.reconstruction_steps=5",
             f"{explainer}.steps_per_stage=2",
@@ -345,3 +357,88 @@ def test_failed_counterfactuals_get_a_red_frame():
         assert torch.equal(framed[1, channel][~border], images[1, 0][~border])
     colour = torch.rand(2, 3, 4, 5)
     assert torch.equal(frame_failures(colour, torch.tensor([True, True])), colour)
+
+
+@pytest.fixture(scope="module")
+def gaussians_file(classifier_checkpoint) -> Path:
+    """Class Gaussians of the tiny classifier, fitted on its synthetic training split."""
+    return fit_and_save_class_gaussians(classifier_checkpoint, _synthetic(eval_batch_size=50))
+
+
+def _test_run(task: CounterfactualTask, eval_batch_size: int = 4) -> dict:
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(task, _synthetic(eval_batch_size=eval_batch_size), verbose=False)
+    return load_counterfactual_results(Path(task.output_dir) / "counterfactuals.pt")
+
+
+def test_results_hold_the_schema_the_path_and_what_made_them(classifier_checkpoint, gaussians_file, tmp_path):
+    jsma = functools.partial(JSMA, max_iterations=6, path_every=2)
+    task = CounterfactualTask(
+        str(classifier_checkpoint), jsma, gaussians=str(gaussians_file), output_dir=str(tmp_path / "out"), max_queries=5
+    )
+    results = _test_run(task)
+    per_pair = [key for key in results if isinstance(results[key], torch.Tensor)]
+    assert per_pair == [*PAIR_SCHEMA, "originals", "counterfactuals", "path"]  # nll: the task has Gaussians
+    assert all(results[key].dtype == field.dtype for key, field in PAIR_SCHEMA.items())
+    assert results["path"].shape == (10, 4, 1, 16, 16)  # 5 queries x 2 targets; steps 0, 2, 4, 6
+    assert torch.equal(results["path"][:, 0], results["originals"])
+    assert torch.equal(results["path"][:, -1], results["counterfactuals"])
+    metadata = results["metadata"]
+    assert metadata["classifier"] == {
+        "path": str(classifier_checkpoint),
+        "sha256": hashlib.sha256(classifier_checkpoint.read_bytes()).hexdigest(),
+    }
+    assert metadata["gaussians"]["sha256"] == hashlib.sha256(gaussians_file.read_bytes()).hexdigest()
+    assert metadata["cfx_version"] == importlib.metadata.version("cfx")
+    assert metadata["explainer"] == task.explainer.params
+    assert metadata["explainer"]["class_path"] == "cfx.counterfactual.JSMA"
+    assert metadata["explainer"]["init_args"]["path_every"] == 2 and metadata["seed"] == 0
+    assert metadata["task"]["max_queries"] == 5 and metadata["task"]["gaussians"] == str(gaussians_file)
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert written["metadata"] == json.loads(json.dumps(metadata))
+
+
+def test_every_measure_is_computed_once_per_batch(classifier_checkpoint, tmp_path, monkeypatch):
+    calls = {"l1_distance": 0, "concentration": 0}
+    for name in calls:
+        original = getattr(functional_counterfactual, name)
+
+        def counting(*args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(functional_counterfactual, name, counting)
+    results = _test_run(_task(classifier_checkpoint, output_dir=str(tmp_path / "out"), max_queries=9))
+    assert calls == {"l1_distance": 3, "concentration": 3}  # batches of 4, 4 and 1 queries, each with pairs
+    assert torch.equal(results["l1"], l1_distance(results["originals"], results["counterfactuals"]))
+
+
+def test_a_process_without_pairs_writes_the_schemas_empty_record(classifier_checkpoint, gaussians_file):
+    for gaussians, optional in ((None, ()), (str(gaussians_file), ("nll",))):
+        empty = _task(classifier_checkpoint, gaussians=gaussians)._local_pairs()
+        assert list(empty) == [*record_keys(optional), "originals", "counterfactuals"]
+        assert all(empty[key].dtype == PAIR_SCHEMA[key].dtype for key in record_keys(optional))
+        assert empty["originals"].shape[:2] == (0, 1) and check_record(empty) == 0
+
+
+def test_deduce_is_built_with_the_tasks_gaussians(classifier_checkpoint, gaussians_file, tmp_path):
+    deduce = functools.partial(DeDUCE, max_iterations=5)
+    task = CounterfactualTask(
+        str(classifier_checkpoint),
+        deduce,
+        gaussians=str(gaussians_file),
+        output_dir=str(tmp_path / "out"),
+        max_queries=3,
+    )
+    assert task.explainer.gaussians is task.gaussians  # loaded once, by the task
+    results = _test_run(task)
+    assert results["metadata"]["explainer"]["init_args"]["gaussians"] == str(gaussians_file)
+    assert len(results["index"]) == 6 and (results["iterations"] <= 5).all()
+    with pytest.raises(ValueError, match="DeDUCE needs class Gaussians: set the CounterfactualTask's `gaussians:`"):
+        CounterfactualTask(str(classifier_checkpoint), deduce)
+    with pytest.raises(ValueError, match="the class Gaussians are named twice"):
+        CounterfactualTask(
+            str(classifier_checkpoint),
+            functools.partial(DeDUCE, gaussians=str(gaussians_file)),
+            gaussians=str(gaussians_file),
+        )

@@ -15,7 +15,8 @@ from cfx.data import (
     pack_hdf5,
     read_idx,
 )
-from cfx.data.base import TEST, TRAIN, VAL, UnpaddedDistributedSampler, stratified_split
+from cfx.data.base import TEST, TRAIN, VAL, ImageDataModule, TensorImages, UnpaddedDistributedSampler, stratified_split
+from tests.distributed import run_distributed
 
 
 def _all_samples(datamodule, split):
@@ -225,3 +226,139 @@ def test_cfx_pack_command_writes_a_datamodule(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     packed = HDF5(str(output))
     assert packed.num_classes == 2 and len(packed.load_source()) == 20
+
+
+class _CountingImages(TensorImages):
+    """TensorImages that records which images were loaded."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        super().__init__(images, labels)
+        self.loaded: list[int] = []
+
+    def load_image(self, index: int) -> torch.Tensor:
+        self.loaded.append(index)
+        return super().load_image(index)
+
+
+class _GivenLabels(ImageDataModule):
+    """A DataModule over 2 x 2 images with the given labels (3 source classes)."""
+
+    in_channels, image_size, source_num_classes = 1, 2, 3
+
+    def __init__(self, labels: torch.Tensor, **kwargs):
+        super().__init__(**kwargs)
+        self.labels = labels
+        self.source: _CountingImages | None = None
+
+    def load_source(self) -> _CountingImages:
+        self.source = _CountingImages(torch.zeros(len(self.labels), 1, 2, 2, dtype=torch.uint8), self.labels)
+        return self.source
+
+
+def _write_hdf5(path, labels) -> str:
+    import h5py
+
+    with h5py.File(path, "w") as handle:
+        handle["images"] = np.zeros((len(labels), 4, 4), np.uint8)
+        handle["labels"] = np.asarray(labels)
+    return str(path)
+
+
+def test_hdf5_labels_outside_the_classes_are_one_error_naming_file_values_and_range(tmp_path):
+    negative = _write_hdf5(tmp_path / "negative.h5", [0, 1, -1, 2, -1, -7])
+    with pytest.raises(ValueError, match=r"negative\.h5: labels must be integers in 0\.\.2 .*3 label.*-7, -1$"):
+        HDF5(negative)
+    too_large = _write_hdf5(tmp_path / "large.h5", [0, 1, 2, 5])
+    with pytest.raises(ValueError, match=r"large\.h5: labels must be integers in 0\.\.2 \(3 classes\).* 5$"):
+        HDF5(too_large, num_classes=3)
+    assert HDF5(too_large).num_classes == 6  # default: max(label) + 1
+    fractional = _write_hdf5(tmp_path / "float.h5", [0.0, 1.5])
+    with pytest.raises(ValueError, match=r"float\.h5: 'labels' must be a 1-D integer array, got float64"):
+        HDF5(fractional)
+    with pytest.raises(ValueError, match=r"empty\.h5: the HDF5 file holds no samples"):
+        HDF5(_write_hdf5(tmp_path / "empty.h5", np.zeros(0, np.int64)))
+
+
+def test_every_datamodule_checks_its_labels_against_its_classes():
+    with pytest.raises(ValueError, match=r"_GivenLabels: labels must be integers in 0\.\.2 .*1 label.* 3$"):
+        _GivenLabels(torch.tensor([0, 1, 2, 3, 0, 1])).setup()
+    with pytest.raises(ValueError, match=r"_GivenLabels: labels must be integers in 0\.\.2 .* -1$"):
+        _GivenLabels(torch.tensor([0, -1, 2, 1, 0, 1])).setup()
+    with pytest.raises(ValueError, match="expected integer labels, got torch.float32"):
+        _GivenLabels(torch.tensor([0.0, 1.0, 2.0])).setup()
+
+
+def test_embedded_mnist_cache_dir_that_is_a_file_is_a_clear_error(tmp_path):
+    cache_file = tmp_path / "cache"
+    cache_file.write_text("not a folder")
+    for cache_dir in (cache_file, cache_file / "below"):
+        with pytest.raises(NotADirectoryError, match=rf"cache_dir {cache_dir} must be a folder, but {cache_file} is"):
+            EmbeddedMNIST(cache_dir=str(cache_dir))
+
+
+def test_limit_split_loads_only_the_first_samples_of_the_split():
+    datamodule = _GivenLabels(torch.arange(60) % 3, eval_batch_size=4)
+    datamodule.setup()
+    test_indices = datamodule.dataset("test").indices
+    datamodule.limit_split("test", 5)
+    datamodule.source.loaded.clear()
+    indices = torch.cat([batch["index"] for batch in datamodule.test_dataloader()])
+    assert torch.equal(indices, test_indices[:5])
+    assert datamodule.source.loaded == test_indices[:5].tolist()
+    assert len(datamodule.dataset("test")) == len(test_indices) == 12  # the split itself is unchanged
+    datamodule.limit_split("test", 1000)
+    assert torch.equal(torch.cat([b["index"] for b in datamodule.test_dataloader()]), test_indices)
+    datamodule.limit_split("test", 2)
+    datamodule.limit_split("test", None)
+    assert len(datamodule.test_dataloader().dataset) == 12
+    for split, count, message in (
+        ("tests", 2, "split must be one of"),
+        ("val", 0, "positive integer"),
+        ("val", 2.0, "positive integer"),
+        ("val", True, "positive integer"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            datamodule.limit_split(split, count)
+
+
+def _limited_test_shares(rank: int, world_size: int) -> list[int]:
+    datamodule = _GivenLabels(torch.arange(60) % 3, eval_batch_size=2)
+    datamodule.limit_split("test", 5)
+    return torch.cat([batch["index"] for batch in datamodule.test_dataloader()]).tolist()
+
+
+def test_limit_split_is_sharded_across_ranks_without_padding():
+    expected = _GivenLabels(torch.arange(60) % 3).dataset("test").indices[:5].tolist()
+    shares = run_distributed(_limited_test_shares)
+    assert shares == [expected[0::2], expected[1::2]]
+
+
+def test_training_order_is_a_pure_function_of_seed_and_epoch():
+    datamodule = _GivenLabels(torch.arange(60) % 3, batch_size=8, shuffle_seed=11)
+    train_indices = datamodule.dataset("train").indices
+
+    def epoch_order(epoch: int) -> torch.Tensor:
+        loader = datamodule.train_dataloader()
+        loader.sampler.set_epoch(epoch)  # what Lightning does before every epoch
+        torch.manual_seed(epoch + 100)  # the global generator plays no part
+        return torch.cat([batch["index"] for batch in loader])
+
+    # DistributedSampler's documented order: randperm under the seed seed + epoch; drop_last drops 42 % 8 samples.
+    assert len(train_indices) == 42
+    for epoch in (0, 1, 5):
+        reference = torch.randperm(42, generator=torch.Generator().manual_seed(11 + epoch))
+        assert torch.equal(epoch_order(epoch), train_indices[reference][:40])
+    assert not torch.equal(epoch_order(0), epoch_order(1))
+
+
+def _training_shares(rank: int, world_size: int) -> list[int]:
+    datamodule = _GivenLabels(torch.arange(60) % 3, batch_size=3, shuffle_seed=4)
+    loader = datamodule.train_dataloader()
+    loader.sampler.set_epoch(2)
+    return torch.cat([batch["index"] for batch in loader]).tolist()
+
+
+def test_training_order_under_ddp_shards_the_single_process_order():
+    single = _training_shares(0, 1)
+    shares = run_distributed(_training_shares)
+    assert shares == [single[0::2], single[1::2]]  # 42 samples: 21 per rank, no padding needed

@@ -13,7 +13,7 @@ from torch import Tensor
 from cfx.counterfactual.base import CounterfactualResult, Explainer
 from cfx.data import SyntheticImages
 from cfx.nn import SmallCNN
-from cfx.tasks import ClassificationTask, load_classifier
+from cfx.tasks import ClassificationTask, load_classifier, read_checkpoint
 from cfx.tasks.discrepancy import _recipe, classifier_discrepancy
 from tests.trainers import quiet_trainer
 
@@ -144,14 +144,14 @@ def test_full_class_zero_set_is_compared_with_f(checkpoint: Path):
 
 def test_recipe_is_read_from_the_checkpoint(checkpoint: Path, tmp_path: Path):
     # a Python-built task: the network module is re-initialised, the optimiser callable reused
-    build, optimizer, lr_scheduler, epochs = _recipe(checkpoint)
+    build, optimizer, lr_scheduler, epochs = _recipe(read_checkpoint(checkpoint), checkpoint)
     trained, fresh = load_classifier(checkpoint), build()
     assert isinstance(fresh, SmallCNN) and fresh.training and epochs == 20 and lr_scheduler is None
     assert all(fresh.state_dict()[k].shape == v.shape for k, v in trained.state_dict().items())
     assert not torch.equal(fresh.fc.weight, trained.fc.weight)
     adam = optimizer(fresh.parameters())
     assert isinstance(adam, torch.optim.Adam) and adam.defaults["lr"] == 3e-2
-    # a `cfx fit` checkpoint: class_path configs, epochs from the fit loop's progress
+    # a `cfx fit` checkpoint: class_path configs, epochs from the public `epoch` key
     network = {"class_path": "cfx.nn.SmallCNN", "init_args": {"num_classes": 2, "channels": [3], "hidden": 5}}
     state = {
         "hyper_parameters": {
@@ -159,10 +159,9 @@ def test_recipe_is_read_from_the_checkpoint(checkpoint: Path, tmp_path: Path):
             "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5, "momentum": 0.9}},
             "lr_scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 7}},
         },
-        "loops": {"fit_loop": {"epoch_progress": {"current": {"processed": 12}}}},
+        "epoch": 12,
     }
-    torch.save(state, tmp_path / "cli.ckpt")
-    build, optimizer, lr_scheduler, epochs = _recipe(tmp_path / "cli.ckpt")
+    build, optimizer, lr_scheduler, epochs = _recipe(state, tmp_path / "cli.ckpt")
     network = build()
     sgd = optimizer(network.parameters())
     assert isinstance(network, SmallCNN) and network.stage_channels == (3,) and epochs == 12

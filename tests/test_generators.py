@@ -5,14 +5,13 @@ import math
 import pytest
 import torch
 
+from cfx.counterfactual.search import narrow_optimizer_state
 from cfx.nn.generators import (
     BatchedGenerator,
     INRGenerator,
     PixelGenerator,
     fit_reconstruction,
     make_generator,
-    narrow_adam_state,
-    query_seeds,
     squared_l2,
     total_variation,
 )
@@ -127,7 +126,9 @@ def test_dip_noise_input_and_layer_groups():
     ("kind", "options", "steps", "lr"),
     [
         ("pixel", {}, 0, 1e-2),
-        ("dip", {"width": 32}, 100, 1e-2),
+        # DIP: 200 steps give max MSE 1.25e-4 with OMP_NUM_THREADS=1 and 1.14e-4 with =2 (8x under the bound); 100
+        # steps gave 3.6e-4 here and 1.5e-3 reported with 2 threads, too close to the bound
+        ("dip", {"width": 32}, 200, 1e-2),
         ("inr", {"width": 64, "num_frequencies": 64}, 300, 1e-3),
     ],
 )
@@ -160,7 +161,7 @@ def test_select_keeps_the_right_queries_and_their_adam_state(kind):
     before = narrowed().detach()
     keep = torch.tensor([False, True, False, True])
     narrowed.select(keep)
-    narrow_adam_state(optimizer, narrowed, keep)
+    narrow_optimizer_state(optimizer, keep)
     assert narrowed.num_queries == 2
     torch.testing.assert_close(narrowed(), before[keep])
 
@@ -233,7 +234,6 @@ def test_invalid_arguments_raise_clear_errors():
         make_generator("pixel", 2, 1, 8, torch.tensor([0]))
     with pytest.raises(ValueError, match="image_size"):
         make_generator("inr", 1, 1, (8, 8, 8), torch.tensor([0]))
-    torch.testing.assert_close(query_seeds(torch.tensor([4, 9]), seed=1), torch.tensor([1_000_007, 1_000_012]))
     assert issubclass(INRGenerator, BatchedGenerator)
 
 

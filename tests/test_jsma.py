@@ -1,4 +1,7 @@
-"""JSMA: first steps against closed-form gradients, the retirement rule, batch invariance, errors, a trained model."""
+"""JSMA: first steps against closed-form gradients, the retirement rule, the shared settings checks, a trained model.
+
+The contract every explainer keeps (batching, input checks, ...) is in test_explainer_contract.py.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +12,7 @@ from torch.nn import functional as F
 from cfx.counterfactual import JSMA
 from tests.explainer_helpers import (
     LinearFeatureClassifier,
-    assert_batch_invariant,
-    assert_unchanged_where_predicted,
     linear_classifier,
-    queries,
     tiny_cnn,
     trained_mnist_mlp,
 )
@@ -76,30 +76,20 @@ def test_a_pixel_that_reached_a_bound_never_moves_again() -> None:
     assert not result.success.any() and torch.equal(result.counterfactuals, result.path[:, -1])  # last iterate
 
 
-def test_batch_of_64_equals_single_calls() -> None:
-    classifier = tiny_cnn(seed=0)
-    images, targets = queries(classifier, 64, seed=1)
-    explainer = JSMA(classifier, max_iterations=30, path_every=7)
-    assert_batch_invariant(explainer, images, targets)
-    assert_unchanged_where_predicted(explainer.explain(images, targets), images, targets)
-
-
-def test_clear_errors() -> None:
-    classifier = tiny_cnn()
-    images, targets = queries(classifier, 4)
-    with pytest.raises(ValueError, match="pixels_per_step"):
-        JSMA(classifier, pixels_per_step=0)
-    with pytest.raises(ValueError, match="confidence"):
-        JSMA(classifier, confidence=1.5)
-    explainer = JSMA(classifier)
-    with pytest.raises(ValueError, match=r"targets must be classes 0\.\.2"):
-        explainer.explain(images, torch.tensor([0, 1, 2, -1]))
-    with pytest.raises(ValueError, match="NaN"):
-        explainer.explain(images.masked_fill(images > 0.9, torch.nan), targets)
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        explainer.explain(images - 0.5, targets)
-    with pytest.raises(ValueError, match="8x8"):
-        explainer.explain(torch.zeros(4, 1, 9, 9), targets)
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"pixels_per_step": 0}, "pixels_per_step"),
+        ({"step_size": 0.0}, "step_size"),
+        ({"confidence": 1.5}, r"confidence must lie in \(0, 1\]"),
+        ({"confidence": 0.0}, r"confidence must lie in \(0, 1\]"),
+        ({"max_iterations": -1}, "max_iterations must be >= 0"),
+        ({"path_every": 0}, "path_every must be None or >= 1"),
+    ],
+)
+def test_bad_settings_raise(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        JSMA(tiny_cnn(), **options)
 
 
 def test_reaches_targets_on_a_small_trained_model() -> None:

@@ -7,8 +7,8 @@ import torch
 import yaml
 
 from cfx.cli import main
-from cfx.nn import LossPredictor, SmallCNN, pairwise_ranking_loss
-from cfx.tasks import DEPTask, load_classifier, load_loss_predicting_classifier
+from cfx.nn import LossPredictingClassifier, LossPredictor, SmallCNN, pairwise_ranking_loss
+from cfx.tasks import DEPTask, load_classifier
 from tests.config_helpers import tiny_trainer
 
 
@@ -92,18 +92,18 @@ def test_dep_task_trains_through_the_cli_logs_ranking_metrics_and_reloads(tmp_pa
     assert 0 <= metrics["val/ranking_acc"] <= 1 and -1 <= metrics["val/spearman"] <= 1
     total = metrics["train/ce"].item() + 0.5 * metrics["train/ranking_loss"].item()
     assert metrics["train/loss"].item() == pytest.approx(total, rel=1e-5)
-    model = load_loss_predicting_classifier(tmp_path / "ckpt" / "last.ckpt")
+    model = load_classifier(tmp_path / "ckpt" / "last.ckpt")  # carries its loss predictor
+    assert isinstance(model, LossPredictingClassifier) and isinstance(model.loss_predictor, LossPredictor)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     images = torch.rand(5, 1, 16, 16)
-    logits, predicted = model(images)
+    logits, predicted = model.predict_loss(images)
     expected_logits, expected_predicted = task.eval()(images)
     assert torch.allclose(logits, expected_logits, atol=1e-6) and torch.allclose(
         predicted, expected_predicted, atol=1e-6
     )
     test = main(["test", "-c", str(config), "--ckpt_path=ckpt/last.ckpt"])
     assert 0 <= test.trainer.callback_metrics["test/ranking_acc"] <= 1
-    network = load_classifier(tmp_path / "ckpt" / "last.ckpt")  # the plain classifier of a DEP checkpoint
-    assert torch.allclose(network(images), expected_logits, atol=1e-6)
+    assert torch.allclose(model(images), expected_logits, atol=1e-6)  # it classifies like the network
 
 
 def test_dep_training_step_moves_predictor_towards_the_true_ranking():

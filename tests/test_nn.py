@@ -123,3 +123,36 @@ def test_check_input_names_the_expected_shape():
         network.check_input(torch.rand(1, 16, 16))
     with pytest.raises(ValueError, match="floating-point"):
         network.check_input(torch.zeros(2, 1, 16, 16, dtype=torch.uint8))
+
+
+def test_timm_classifier_loads_the_users_own_weights_and_refuses_pretrained(tmp_path):
+    torch.manual_seed(0)
+    source = TimmClassifier("resnet10t", in_channels=1, num_classes=3)
+    torch.save(source.model.state_dict(), tmp_path / "weights.pth")
+    loaded = TimmClassifier("resnet10t", in_channels=1, num_classes=3, checkpoint_path=str(tmp_path / "weights.pth"))
+    images = torch.rand(2, 1, 28, 28)
+    torch.testing.assert_close(loaded.eval()(images), source.eval()(images))
+    assert loaded.head is loaded.model.get_classifier()
+    with pytest.raises(ValueError, match="checkpoint_path=<file>, not pretrained"):
+        TimmClassifier("resnet10t", in_channels=1, num_classes=3, pretrained=True)
+
+
+def test_timm_classifier_names_the_smallest_image_size_its_architecture_runs_at():
+    # convnext_atto: a stride-4 patch stem, then three stride-2 downsamplings with 2x2 kernels: 4 * 2 * 2 * 2 = 32
+    with pytest.raises(ValueError, match=r"'convnext_atto' does not run on 28x28 images: .* at least 32x32"):
+        TimmClassifier("convnext_atto", in_channels=1, num_classes=10, image_size=28)
+    unchecked = TimmClassifier("convnext_atto", in_channels=1, num_classes=10).eval()
+    with pytest.raises(RuntimeError):
+        unchecked(torch.zeros(1, 1, 31, 31))
+    assert unchecked(torch.zeros(1, 1, 32, 32)).shape == (1, 10)
+    assert TimmClassifier("convnext_atto", in_channels=1, num_classes=10, image_size=32).image_size == 32
+
+
+def test_timm_classifier_size_check_leaves_the_model_as_built():
+    torch.manual_seed(0)
+    checked = TimmClassifier("resnet10t", in_channels=1, num_classes=3, image_size=28)
+    torch.manual_seed(0)
+    plain = TimmClassifier("resnet10t", in_channels=1, num_classes=3)
+    assert checked.training
+    for (name, value), expected in zip(checked.state_dict().items(), plain.state_dict().values(), strict=True):
+        assert torch.equal(value, expected), name  # batch-norm statistics untouched by the dummy forward

@@ -2,8 +2,8 @@
 
 from cfx.counterfactual.base import CounterfactualResult, Explainer
 from cfx.counterfactual.deduce import DeDUCE
-from cfx.counterfactual.disc import DISC, load_loss_predictor
+from cfx.counterfactual.disc import DISC
 from cfx.counterfactual.jsma import JSMA
 from cfx.counterfactual.wachter import Wachter
 
-__all__ = ["DISC", "JSMA", "CounterfactualResult", "DeDUCE", "Explainer", "Wachter", "load_loss_predictor"]
+__all__ = ["DISC", "JSMA", "CounterfactualResult", "DeDUCE", "Explainer", "Wachter"]

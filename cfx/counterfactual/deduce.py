@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
-from cfx.counterfactual.base import CounterfactualResult
 from cfx.counterfactual.iterative import PixelStepExplainer, select_pixels
 from cfx.nn.classifier import FeatureClassifier
 from cfx.nn.gaussian import ClassGaussians
@@ -70,10 +69,9 @@ class DeDUCE(PixelStepExplainer):
         self.max_changes = max_changes
         self.momentum = momentum
 
-    def explain(self, images: Tensor, targets: Tensor, indices: Tensor | None = None) -> CounterfactualResult:
-        """:meth:`PixelStepExplainer.explain`, with the Gaussians moved to the images' device first."""
-        self.gaussians.to(images.device)
-        return super().explain(images, targets, indices)
+    def auxiliary_modules(self) -> list[nn.Module]:
+        """The Gaussians (moved to the queries' device by ``explain``)."""
+        return [self.gaussians]
 
     def objective(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """``(logits, CE / detached CE - log p_t(z) / |detached log p_t(z)|)`` per sample."""
@@ -90,7 +88,7 @@ class DeDUCE(PixelStepExplainer):
         """Zero momentum and zero change counts per pixel."""
         return {"velocity": torch.zeros_like(pixels), "changes": torch.zeros_like(pixels, dtype=torch.long)}
 
-    def step(self, pixels: Tensor, gradient: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def move(self, pixels: Tensor, gradient: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """Move the pixels of largest raw ``|gradient|`` with budget left against the sign of the momentum gradient."""
         velocity = gradient + self.momentum * state["velocity"]
         chosen = select_pixels(gradient.abs(), state["changes"] < self.max_changes, self.pixels_per_step)

@@ -51,7 +51,7 @@ class JSMA(PixelStepExplainer):
         """No pixel retired yet."""
         return {"retired": torch.zeros_like(pixels, dtype=torch.bool)}
 
-    def step(self, pixels: Tensor, gradient: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def move(self, pixels: Tensor, gradient: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """Move the non-retired pixels of largest ``|gradient|`` against its sign; retire those left on a bound."""
         chosen = select_pixels(gradient.abs(), ~state["retired"], self.pixels_per_step)
         moved = (pixels - self.step_size * gradient.sign() * chosen).clamp(0, 1)

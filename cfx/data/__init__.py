@@ -5,6 +5,7 @@ from cfx.data.embedded_mnist import EmbeddedMNIST
 from cfx.data.folders import ISIC2018, CelebA
 from cfx.data.hdf5 import HDF5, pack_hdf5
 from cfx.data.idx import MNIST, FashionMNIST, read_idx
+from cfx.data.image_folder import ImageFolder
 from cfx.data.synthetic import SyntheticImages
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "EmbeddedMNIST",
     "FashionMNIST",
     "ImageDataModule",
+    "ImageFolder",
     "LabelledImages",
     "SyntheticImages",
     "TensorImages",

@@ -8,6 +8,7 @@ anything seeded per sample (counterfactual queries, random targets) is independe
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -59,6 +60,8 @@ class TensorImages(LabelledImages):
             raise ValueError(f"expected uint8 images of shape N x C x H x W, got {images.dtype} {tuple(images.shape)}")
         if len(labels) != len(images):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"expected integer labels, got {labels.dtype}")
         self.images = images
         self.labels = labels.long()
         self.attributes = attributes
@@ -110,6 +113,35 @@ class UnpaddedDistributedSampler(DistributedSampler):
 
     def __iter__(self):
         return iter(range(self.rank, self.total_size, self.num_replicas))
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """``(rank, world size)`` of this process (``(0, 1)`` without a process group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def check_labels(labels: Tensor, num_classes: int, source: str) -> None:
+    """Raise one ``ValueError`` unless ``labels`` is a 1-D integer tensor with values in ``0 .. num_classes - 1``.
+
+    Args:
+        labels: the labels of a whole data set.
+        num_classes: the number of classes the data set declares.
+        source: what the labels come from (a file or a DataModule), named in the error.
+    """
+    if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        dtype = labels.dtype if isinstance(labels, Tensor) else ""
+        raise ValueError(f"{source}: labels must be a 1-D integer tensor, got {dtype} {shape}")
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        values = torch.unique(labels[bad])
+        shown = ", ".join(str(v) for v in values[:10].tolist()) + (", ..." if len(values) > 10 else "")
+        raise ValueError(
+            f"{source}: labels must be integers in 0..{num_classes - 1} ({num_classes} classes); "
+            f"{int(bad.sum())} label(s) are outside that range, with the values {shown}"
+        )
 
 
 def stratified_split(labels: Tensor, val_fraction: float, test_fraction: float, seed: int) -> Tensor:
@@ -164,6 +196,8 @@ class ImageDataModule(L.LightningDataModule, abc.ABC):
         eval_transform: applied to val / test / predict images.
         predict_split: the split the predict loader reads.
         pin_memory: pin loader memory (for GPUs).
+        shuffle_seed: seed of the training order, which is a pure function of (seed, epoch) (default: the seed
+            of ``seed_everything``, as Lightning's own distributed sampler, else 0).
     """
 
     def __init__(
@@ -179,6 +213,7 @@ class ImageDataModule(L.LightningDataModule, abc.ABC):
         eval_transform: nn.Module | None = None,
         predict_split: str = "test",
         pin_memory: bool = False,
+        shuffle_seed: int | None = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -198,8 +233,10 @@ class ImageDataModule(L.LightningDataModule, abc.ABC):
         self.eval_transform = eval_transform
         self.predict_split = predict_split
         self.pin_memory = pin_memory
+        self.shuffle_seed = shuffle_seed
         self._source: LabelledImages | None = None
         self._splits: dict[str, IndexedSamples] = {}
+        self._split_limits: dict[str, int] = {}
 
     # -- data facts -------------------------------------------------------------------------------------
     @property
@@ -243,6 +280,7 @@ class ImageDataModule(L.LightningDataModule, abc.ABC):
 
     def split_codes(self, source: LabelledImages) -> Tensor:
         """TRAIN / VAL / TEST code of every sample of ``source`` (UNASSIGNED where dropped by ``classes``)."""
+        check_labels(source.labels, self.source_num_classes, type(self).__name__)
         label_map = self._label_map()
         kept = label_map[source.labels] >= 0
         codes = torch.full((len(source),), UNASSIGNED, dtype=torch.int8)
@@ -282,19 +320,58 @@ class ImageDataModule(L.LightningDataModule, abc.ABC):
 
     # -- loaders ----------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches in an order that is a pure function of (``shuffle_seed``, epoch).
+
+        The sampler is a seeded ``DistributedSampler`` over this process's share (the whole split without a
+        process group): Lightning calls its ``set_epoch`` before every epoch and keeps it under DDP, and the
+        order never draws from the global random generator, so a resumed fit sees the batches of an
+        uninterrupted one. The last incomplete batch is dropped unless it is the only one.
+        """
+        dataset = self.dataset("train")
+        rank, world_size = rank_and_world_size()
+        seed = self.shuffle_seed if self.shuffle_seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
         return DataLoader(
-            self.dataset("train"),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            drop_last=len(self.dataset("train")) > self.batch_size,
+            drop_last=len(sampler) > self.batch_size,
         )
 
+    def limit_split(self, split: str, count: int | None) -> None:
+        """Make the evaluation loader of ``split`` yield only its first ``count`` samples (in split order).
+
+        Only those samples are loaded; under DDP they are sharded across ranks without padding like a whole
+        split. :meth:`dataset` still returns the whole split.
+
+        Args:
+            split: "train", "val" or "test".
+            count: number of samples to keep (more than the split holds keeps all); ``None`` removes the limit.
+
+        Raises:
+            ValueError: ``split`` is not a split name or ``count`` is not a positive integer or ``None``.
+        """
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if count is None:
+            self._split_limits.pop(split, None)
+            return
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be a positive integer or None, got {count!r}")
+        self._split_limits[split] = count
+
     def eval_dataloader(self, split: str) -> DataLoader:
-        """A loader over ``split`` in index order; under DDP each rank reads a disjoint, unpadded share."""
+        """A loader over ``split`` in index order; under DDP each rank reads a disjoint, unpadded share.
+
+        With :meth:`limit_split` it reads only the split's first samples.
+        """
         dataset = self.dataset(split)
+        if split in self._split_limits:
+            limited = dataset.indices[: self._split_limits[split]]
+            dataset = IndexedSamples(dataset.source, limited, dataset.label_map, dataset.transform)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         sampler = UnpaddedDistributedSampler(dataset) if distributed else None
         return DataLoader(

@@ -52,13 +52,23 @@ class EmbeddedMNIST(ImageDataModule):
     as ``.npz`` in ``cache_dir`` after the first read.
 
     Args:
-        cache_dir: where the parsed arrays are cached (default ``$CFX_CACHE`` or ``~/.cache/cfx``).
+        cache_dir: where the parsed arrays are cached (default ``$CFX_CACHE`` or ``~/.cache/cfx``); a folder,
+            created when missing.
         **kwargs: see :class:`~cfx.data.base.ImageDataModule`.
+
+    Raises:
+        NotADirectoryError: ``cache_dir`` (or one of its parents) is a file.
     """
 
     def __init__(self, cache_dir: str | None = None, val_fraction: float = 0.1, test_fraction: float = 0.2, **kwargs):
         super().__init__(val_fraction=val_fraction, test_fraction=test_fraction, **kwargs)
         self.cache_dir = Path(cache_dir or os.environ.get("CFX_CACHE", Path.home() / ".cache" / "cfx"))
+        blocking = next((p for p in (self.cache_dir, *self.cache_dir.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise NotADirectoryError(
+                f"EmbeddedMNIST: cache_dir {self.cache_dir} must be a folder, but {blocking} is a file "
+                "(pass cache_dir or set $CFX_CACHE to a folder)"
+            )
 
     in_channels = 1
     image_size = 28

@@ -1,4 +1,4 @@
-"""Image-folder data sets: CelebA (torchvision's layout) and ISIC 2018 task 3, decoded on demand."""
+"""Image files decoded on demand with PIL, and the CelebA (torchvision's layout) and ISIC 2018 task 3 data sets."""
 
 from __future__ import annotations
 
@@ -6,15 +6,50 @@ import csv
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
 from cfx.data.base import ImageDataModule, LabelledImages, missing_files_error
 
+IMAGE_MODES = {1: "L", 3: "RGB"}
+
+
+def image_file_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` of an image file, read from its header.
+
+    Raises:
+        ValueError: the file is not a readable image (naming it).
+    """
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable image file ({type(error).__name__}: {error})") from error
+
+
+def read_image(path: Path, channels: int = 3) -> Tensor:
+    """Decode an image file with PIL into a uint8 ``channels x H x W`` tensor (converted to L or RGB).
+
+    Raises:
+        ValueError: ``channels`` is not 1 or 3, or the file is not a readable image (naming it).
+    """
+    if channels not in IMAGE_MODES:
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    try:
+        with Image.open(path) as image:
+            converted = image.convert(IMAGE_MODES[channels])
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable image file ({type(error).__name__}: {error})") from error
+    return TF.pil_to_tensor(converted)
+
 
 class FileImages(LabelledImages):
-    """Images decoded from files, centre-cropped to a square and resized.
+    """Images decoded from files with PIL, centre-cropped to a square and resized.
 
     Args:
         paths: one image file per sample.
@@ -24,6 +59,9 @@ class FileImages(LabelledImages):
         attributes: optional ``(N, A)`` 0/1 attributes.
         attribute_names: their names.
         predefined_split: optional split codes.
+        channels: 1 (grayscale, PIL mode L) or 3 (RGB): every image is converted.
+        resize: crop and resize to ``image_size``; with ``False`` every image must already be ``image_size``
+            square, and one that is not is a ``ValueError`` naming the file.
     """
 
     def __init__(
@@ -35,7 +73,11 @@ class FileImages(LabelledImages):
         attributes: Tensor | None = None,
         attribute_names: tuple[str, ...] = (),
         predefined_split: Tensor | None = None,
+        channels: int = 3,
+        resize: bool = True,
     ):
+        if channels not in IMAGE_MODES:
+            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         self.paths = paths
         self.labels = labels
         self.image_size = image_size
@@ -43,12 +85,22 @@ class FileImages(LabelledImages):
         self.attributes = attributes
         self.attribute_names = attribute_names
         self.predefined_split = predefined_split
+        self.channels = channels
+        self.resize = resize
 
     def load_image(self, index: int) -> Tensor:
-        image = decode_image(str(self.paths[index]), mode=ImageReadMode.RGB)
+        image = read_image(self.paths[index], self.channels)
+        size = (self.image_size, self.image_size)
+        if not self.resize:
+            if tuple(image.shape[-2:]) != size:
+                raise ValueError(
+                    f"{self.paths[index]} is {image.shape[-1]}x{image.shape[-2]} pixels, expected "
+                    f"{self.image_size}x{self.image_size} like the other images (set image_size to resize them all)"
+                )
+            return image
         crop = self.crop_size or min(image.shape[-2:])
         image = TF.center_crop(image, [crop, crop])
-        return TF.resize(image, [self.image_size, self.image_size], antialias=True)
+        return image if tuple(image.shape[-2:]) == size else TF.resize(image, list(size), antialias=True)
 
 
 def _celeba_dir(root: Path) -> Path:

@@ -11,7 +11,19 @@ import torch
 from jsonargparse import ArgumentParser
 from torch import Tensor
 
-from cfx.data.base import SPLITS, UNASSIGNED, ImageDataModule, LabelledImages, missing_files_error
+from cfx.data.base import SPLITS, UNASSIGNED, ImageDataModule, LabelledImages, check_labels, missing_files_error
+
+
+def read_labels(handle: h5py.File, path: Path) -> Tensor:
+    """The ``labels`` dataset of an open cfx HDF5 file as int64, after checking it holds integers.
+
+    Raises:
+        ValueError: the labels are not a 1-D integer array.
+    """
+    labels = handle["labels"]
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise ValueError(f"{path}: 'labels' must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+    return torch.from_numpy(labels[:].astype(np.int64))
 
 
 class HDF5Images(LabelledImages):
@@ -35,7 +47,7 @@ class HDF5Images(LabelledImages):
                     f"{path}: 'images' must be uint8 N x H x W or N x C x H x W, got {images.dtype} {images.shape}"
                 )
             self.shape = images.shape if images.ndim == 4 else (images.shape[0], 1, *images.shape[1:])
-            self.labels = torch.from_numpy(handle["labels"][:].astype(np.int64))
+            self.labels = read_labels(handle, path)
             if len(self.labels) != self.shape[0]:
                 raise ValueError(f"{path}: {self.shape[0]} images but {len(self.labels)} labels")
             if "attributes" in handle:
@@ -60,6 +72,10 @@ class HDF5(ImageDataModule):
         path: the ``.h5`` file.
         num_classes: number of classes (default: ``max(label) + 1``, read from the file).
         **kwargs: see :class:`~cfx.data.base.ImageDataModule`.
+
+    Raises:
+        ValueError: the file lacks ``images`` or ``labels``, has no samples, or has labels that are not
+            integers in ``0 .. num_classes - 1`` (the error names the file and the offending values).
     """
 
     def __init__(self, path: str, num_classes: int | None = None, **kwargs):
@@ -73,7 +89,13 @@ class HDF5(ImageDataModule):
             shape = handle["images"].shape
             self._in_channels = shape[1] if len(shape) == 4 else 1
             self._image_size = shape[-1]
-            self._num_classes = num_classes or int(handle["labels"][:].max()) + 1
+            labels = read_labels(handle, self.path)
+        if len(labels) == 0:
+            raise ValueError(f"{self.path}: the HDF5 file holds no samples")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self._num_classes = num_classes if num_classes is not None else max(int(labels.max()) + 1, 1)
+        check_labels(labels, self._num_classes, str(self.path))
 
     @property
     def in_channels(self) -> int:

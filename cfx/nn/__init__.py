@@ -1,5 +1,6 @@
 """Pure-torch networks: classifiers and the models explainers build on (no Lightning import)."""
 
+from cfx.nn.adapter import ModuleClassifier, as_classifier
 from cfx.nn.classifier import FeatureClassifier
 from cfx.nn.cnn import SmallCNN
 from cfx.nn.duq import (
@@ -24,11 +25,13 @@ __all__ = [
     "FeatureClassifier",
     "LossPredictingClassifier",
     "LossPredictor",
+    "ModuleClassifier",
     "ResNet",
     "SmallCNN",
     "SoftSpectralNorm",
     "TimmClassifier",
     "apply_soft_spectral_norm",
+    "as_classifier",
     "class_feature_statistics",
     "duq_uncertainty",
     "fit_class_gaussians",

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import abc
+from typing import Any
 
 from torch import Tensor, nn
+
+from cfx.init_args import class_path, init_arguments, is_plain, record_init_arguments
 
 
 class FeatureClassifier(nn.Module, abc.ABC):
@@ -20,6 +23,8 @@ class FeatureClassifier(nn.Module, abc.ABC):
         feature_dim: size of the penultimate feature vector.
         stage_channels: channels of each stage map, in order.
         image_size: the input size the network was built for, or ``None`` if any size works.
+        head: the final layer, the module ``classify`` applies to the features (``ResNet.fc``, ``SmallCNN.fc``,
+            timm's classifier); DUQ freezes it.
     """
 
     in_channels: int
@@ -27,6 +32,24 @@ class FeatureClassifier(nn.Module, abc.ABC):
     feature_dim: int
     stage_channels: tuple[int, ...]
     image_size: int | None = None
+    head: nn.Module
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Record the arguments of each classifier's outermost ``__init__`` call, for :attr:`init_config`."""
+        super().__init_subclass__(**kwargs)
+        record_init_arguments(cls)
+
+    @property
+    def init_config(self) -> dict[str, Any] | None:
+        """``{"class_path": ..., "init_args": {...}}`` that rebuilds this network (untrained), or ``None``.
+
+        ``None`` when an init argument is not plain data (e.g. a user's module wrapped by ``as_classifier``):
+        such a network is saved as the object itself.
+        """
+        arguments = init_arguments(self)
+        if not is_plain(arguments):
+            return None
+        return {"class_path": class_path(type(self)), "init_args": arguments}
 
     @abc.abstractmethod
     def forward_features(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:

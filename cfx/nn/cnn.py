@@ -52,5 +52,10 @@ class SmallCNN(FeatureClassifier):
         pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return F.relu(self.hidden(pooled)), stage_maps
 
+    @property
+    def head(self) -> nn.Linear:
+        """The final layer (``fc``)."""
+        return self.fc
+
     def classify(self, features: Tensor) -> Tensor:
         return self.fc(features)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributions import MultivariateNormal
 
 from cfx.io import atomic_torch_save
 from cfx.nn.classifier import FeatureClassifier
@@ -125,13 +126,16 @@ class ClassGaussians(nn.Module):
                 f"expected features of shape (N, {self.feature_dim}) (feature_dim {self.feature_dim}), "
                 f"got {tuple(features.shape)} (dimension {features.shape[-1] if features.ndim else 'none'})"
             )
-        cholesky = self.cholesky.to(torch.float64)
-        differences = features.to(torch.float64)[None, :, :] - self.means.to(torch.float64)[:, None, :]  # (C, N, D)
-        whitened = torch.linalg.solve_triangular(cholesky, differences.transpose(1, 2), upper=False)  # (C, D, N)
-        mahalanobis = whitened.square().sum(dim=1)  # (C, N)
-        log_det = 2 * torch.diagonal(cholesky, dim1=-2, dim2=-1).log().sum(dim=-1)  # (C,)
-        log_density = -0.5 * (mahalanobis + log_det[:, None] + self.feature_dim * math.log(2 * math.pi))
-        return log_density.T.to(features.dtype if features.is_floating_point() else torch.float64)
+        log_density = self.distribution.log_prob(features.to(torch.float64)[:, None, :])  # (N, C)
+        return log_density.to(features.dtype if features.is_floating_point() else torch.float64)
+
+    @property
+    def distribution(self) -> MultivariateNormal:
+        """The ``C`` class Gaussians as one batched float64 ``MultivariateNormal`` (from the Cholesky factors)."""
+        # the factors were checked at construction (lower triangular, positive diagonal): no re-validation per call
+        return MultivariateNormal(
+            self.means.to(torch.float64), scale_tril=self.cholesky.to(torch.float64), validate_args=False
+        )
 
     def forward(self, features: Tensor) -> Tensor:
         return self.log_prob(features)

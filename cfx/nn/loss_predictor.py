@@ -42,10 +42,12 @@ class LossPredictor(nn.Module):
         return self.output(torch.cat(hidden, dim=1)).squeeze(1)
 
 
-class LossPredictingClassifier(nn.Module):
-    """A classifier with its loss predictor: ``forward(images) -> (logits, predicted_loss)``.
+class LossPredictingClassifier(FeatureClassifier):
+    """A classifier carrying the DEP loss predictor it was trained with (what ``DEPTask.explained_classifier`` gives).
 
-    This is what DISC's DEP manifold-consistency term evaluates on a counterfactual.
+    It classifies exactly like ``network`` (same facts, features, stage maps and logits); DISC's DEP
+    manifold-consistency term reads ``loss_predictor`` from it, so a predictor is only ever paired with its own
+    network. :meth:`predict_loss` gives ``(logits, predicted_loss)`` in one pass.
 
     Args:
         network: the classifier.
@@ -60,11 +62,29 @@ class LossPredictingClassifier(nn.Module):
                 f"{tuple(network.stage_channels)}"
             )
         self.network = network
-        self.predictor = predictor
+        self.loss_predictor = predictor
+        self.in_channels, self.num_classes, self.image_size = (
+            network.in_channels,
+            network.num_classes,
+            network.image_size,
+        )
+        self.feature_dim, self.stage_channels = network.feature_dim, tuple(network.stage_channels)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    @property
+    def head(self) -> nn.Module:
+        """The network's final layer."""
+        return self.network.head
+
+    def forward_features(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        return self.network.forward_features(images)
+
+    def classify(self, features: Tensor) -> Tensor:
+        return self.network.classify(features)
+
+    def predict_loss(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logits, predicted_loss)`` of ``images``: ``(N, K)`` and ``(N,)``."""
         features, stage_maps = self.network.forward_features(images)
-        return self.network.classify(features), self.predictor(stage_maps)
+        return self.network.classify(features), self.loss_predictor(stage_maps)
 
 
 def pairwise_ranking_loss(predicted: Tensor, target: Tensor, margin: float = 1.0) -> Tensor:

@@ -132,5 +132,10 @@ class ResNet(FeatureClassifier):
             stage_maps.append(x)
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1), stage_maps
 
+    @property
+    def head(self) -> nn.Linear:
+        """The final layer (``fc``)."""
+        return self.fc
+
     def classify(self, features: Tensor) -> Tensor:
         return self.fc(features)

@@ -1,19 +1,21 @@
 """LightningModules: thin training / evaluation wrappers around the pure-torch models in cfx.nn."""
 
+from cfx.tasks.base import CfxTask
 from cfx.tasks.classification import (
     ClassificationTask,
     check_data_matches,
-    checkpoint_task_class,
     load_classifier,
-    load_task_checkpoint,
+    load_task,
+    read_checkpoint,
 )
 from cfx.tasks.counterfactual import CounterfactualTask, frame_failures, load_counterfactual_results
 from cfx.tasks.ddu import FitClassGaussians, fit_and_save_class_gaussians, load_classifier_and_gaussians
-from cfx.tasks.dep import DEPTask, load_loss_predicting_classifier
+from cfx.tasks.dep import DEPTask
 from cfx.tasks.discrepancy import DiscrepancyResult, classifier_discrepancy
 from cfx.tasks.duq import DUQTask, load_duq_classifier
 
 __all__ = [
+    "CfxTask",
     "ClassificationTask",
     "CounterfactualTask",
     "DEPTask",
@@ -21,7 +23,6 @@ __all__ = [
     "DiscrepancyResult",
     "FitClassGaussians",
     "check_data_matches",
-    "checkpoint_task_class",
     "classifier_discrepancy",
     "fit_and_save_class_gaussians",
     "load_classifier",
@@ -29,6 +30,6 @@ __all__ = [
     "frame_failures",
     "load_counterfactual_results",
     "load_duq_classifier",
-    "load_loss_predicting_classifier",
-    "load_task_checkpoint",
+    "load_task",
+    "read_checkpoint",
 ]

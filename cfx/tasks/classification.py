@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-import lightning as L
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable, instantiate_module
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from cfx.distributed import destroy_process_group_at_exit
+from cfx.init_args import instantiate
 from cfx.nn.classifier import FeatureClassifier
+from cfx.tasks.base import CfxTask
 
 STAGES = ("train", "val", "test")
 
 
-class ClassificationTask(L.LightningModule):
+class ClassificationTask(CfxTask):
     """Cross-entropy training of a :class:`~cfx.nn.FeatureClassifier`, with accuracy per stage.
 
     Args:
@@ -37,6 +39,11 @@ class ClassificationTask(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        # A network built in Python is saved as the config that rebuilds it (as the CLI saves one), not pickled:
+        # spectrally normalised (parametrised) modules cannot be pickled, nor dumped by the loggers.
+        config = network.init_config if isinstance(self.hparams.get("network"), nn.Module) else None
+        if config is not None:
+            self.save_hyperparameters({"network": config})  # replaces the entry (and the loggers' copy)
         self.network = network
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -51,7 +58,7 @@ class ClassificationTask(L.LightningModule):
         return MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro")}, prefix=f"{stage}/")
 
     def setup(self, stage: str) -> None:
-        destroy_process_group_at_exit()
+        super().setup(stage)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
             check_data_matches(self.network, datamodule)
@@ -115,67 +122,145 @@ def check_data_matches(network: FeatureClassifier, datamodule) -> None:
         raise ValueError(f"{type(datamodule).__name__} does not match {type(network).__name__}: " + "; ".join(problems))
 
 
-def load_task_checkpoint(
-    task_class: type[L.LightningModule], checkpoint: str | Path, map_location: str | torch.device = "cpu"
-):
-    """``task_class.load_from_checkpoint`` with one clear error for a missing, corrupt or foreign file.
+def read_checkpoint(
+    checkpoint: str | Path, map_location: str | torch.device = "cpu", weights_only: bool = False
+) -> dict[str, Any]:
+    """Read a ``.ckpt`` file once, with one clear error for a missing, empty, truncated or foreign file.
 
     Args:
-        task_class: the LightningModule class the checkpoint was written by.
-        checkpoint: path of the ``.ckpt`` file.
-        map_location: device to load onto.
+        checkpoint: path of the file.
+        map_location: device to load the tensors onto.
+        weights_only: refuse pickled objects (Lightning's setting for ``--ckpt_path``). Checkpoints of tasks
+            built in Python hold their network object, so the loaders here need the full unpickler: only load
+            checkpoints you trust.
 
     Returns:
-        The task, rebuilt from its saved hyper-parameters and weights.
+        The checkpoint dictionary (``state_dict``, ``hyper_parameters``, ``epoch``, ...).
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        ValueError: the file is not a Lightning checkpoint.
     """
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path.resolve()} (train one with `cfx fit -c <config>`)")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes), expected a Lightning .ckpt written by `cfx fit`")
     try:
-        # cfx checkpoints hold their hyper-parameters as plain config dicts, or, for tasks built in Python, the
-        # network object itself; both need the full unpickler. Only load checkpoints you trust.
-        return task_class.load_from_checkpoint(path, map_location=map_location, weights_only=False)
+        payload = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
-            f"{path} is not a readable {task_class.__name__} checkpoint ({type(error).__name__}: {error})"
+            f"{path} is not a readable checkpoint, expected a Lightning .ckpt written by `cfx fit` "
+            f"({type(error).__name__}: {reason})"
         ) from error
+    if not isinstance(payload, dict) or "state_dict" not in payload:
+        raise ValueError(f"{path} holds no `state_dict`, expected a Lightning .ckpt written by `cfx fit`")
+    return payload
 
 
-def checkpoint_task_class(checkpoint: str | Path) -> type[L.LightningModule]:
-    """The task class a ``cfx fit`` checkpoint was written by (recorded by the CLI as ``_class_path``).
+def checkpoint_class_path(payload: dict[str, Any]) -> str:
+    """The class path of the task a read checkpoint was written by (:class:`ClassificationTask` if unrecorded)."""
+    class_path = (payload.get("hyper_parameters") or {}).get("_class_path")
+    return class_path or f"{ClassificationTask.__module__}.{ClassificationTask.__qualname__}"
 
-    Args:
-        checkpoint: path of the ``.ckpt`` file.
 
-    Returns:
-        That class, or :class:`ClassificationTask` for checkpoints of tasks built in Python.
-    """
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path.resolve()} (train one with `cfx fit -c <config>`)")
-    try:
-        hyper_parameters = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
-    except Exception as error:
-        raise ValueError(f"{path} is not a readable cfx checkpoint ({type(error).__name__}: {error})") from error
-    class_path = hyper_parameters.get("_class_path")
-    if class_path is None:
-        return ClassificationTask
+def checkpoint_task_class(payload: dict[str, Any], source: str | Path = "the checkpoint") -> type[CfxTask]:
+    """Import the task class a read checkpoint was written by (see :func:`checkpoint_class_path`)."""
+    class_path = checkpoint_class_path(payload)
     module_name, _, class_name = class_path.rpartition(".")
     try:
         task_class = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"{path} was written by {class_path}, which cannot be imported ({error})") from error
-    if not (isinstance(task_class, type) and issubclass(task_class, L.LightningModule)):
-        raise ValueError(f"{path} was written by {class_path}, which is not a LightningModule")
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"{source} was written by {class_path}, which cannot be imported ({error})") from error
+    if not (isinstance(task_class, type) and issubclass(task_class, CfxTask)):
+        raise ValueError(f"{source} was written by {class_path}, which is not a cfx task (a CfxTask subclass)")
     return task_class
 
 
-def load_classifier(checkpoint: str | Path, map_location: str | torch.device = "cpu") -> FeatureClassifier:
-    """Load the classifier of a cfx task checkpoint as a plain ``nn.Module`` in eval mode.
+def build_task(payload: dict[str, Any], source: str | Path = "the checkpoint") -> CfxTask:
+    """Rebuild the task of a read checkpoint: its class, hyper-parameters and weights (public keys only).
 
-    Works for every task with a ``network`` (the task class is read from the checkpoint): the network of a
-    ClassificationTask or DEPTask, and for a DUQTask the network with its DUQ head
-    (:class:`~cfx.nn.duq.DUQFeatureClassifier`, logits ``log K_c``).
+    The class is the ``_class_path`` of the hyper-parameters, written by LightningCLI and by :class:`CfxTask`
+    (older checkpoints of tasks built in Python record none: :class:`ClassificationTask`). Hyper-parameters
+    saved by the CLI are configs, instantiated like ``load_from_checkpoint`` does (Lightning's
+    ``instantiate_module``); those of tasks built in Python are the init arguments themselves.
+
+    Args:
+        payload: what :func:`read_checkpoint` returned.
+        source: where it came from, for error messages.
+
+    Returns:
+        The task, in train mode, on the device of the checkpoint's tensors.
+    """
+    task_class = checkpoint_task_class(payload, source)
+    class_path = checkpoint_class_path(payload)
+    hyper_parameters = dict(payload.get("hyper_parameters") or {})
+    hyper_parameters.pop("_class_path", None)
+    instantiator = hyper_parameters.pop("_instantiator", None)
+    try:
+        if instantiator is None:
+            network = hyper_parameters.get("network")
+            if isinstance(network, Mapping) and "class_path" in network:  # see ClassificationTask.__init__
+                hyper_parameters["network"] = instantiate(network)
+            task = task_class(**hyper_parameters)
+        elif instantiator == "lightning.pytorch.cli.instantiate_module":
+            task = instantiate_module(task_class, {"_class_path": class_path, **hyper_parameters})
+        else:
+            raise ValueError(f"the instantiator {instantiator!r} is not Lightning's CLI instantiator")
+        task.load_state_dict(payload["state_dict"])
+    except Exception as error:
+        raise ValueError(
+            f"{source} does not rebuild its {task_class.__name__} ({type(error).__name__}: {str(error).strip()})"
+        ) from error
+    tensor = next((value for value in payload["state_dict"].values() if isinstance(value, Tensor)), None)
+    return task if tensor is None else task.to(tensor.device)
+
+
+def load_task(
+    checkpoint: str | Path, map_location: str | torch.device = "cpu", task_class: type[CfxTask] = CfxTask
+) -> CfxTask:
+    """Load the task a checkpoint was written by, reading the file once.
+
+    Args:
+        checkpoint: path of a ``.ckpt`` written by ``cfx fit`` or ``trainer.save_checkpoint``.
+        map_location: device to load onto.
+        task_class: the class expected (a subclass is accepted).
+
+    Returns:
+        The task, with its weights.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        ValueError: the file is unreadable, of another task, or does not rebuild its task.
+    """
+    payload = read_checkpoint(checkpoint, map_location)
+    written_by = checkpoint_task_class(payload, checkpoint)
+    if not issubclass(written_by, task_class):
+        raise ValueError(
+            f"{checkpoint} is a checkpoint of {checkpoint_class_path(payload)}, expected one of {task_class.__name__}"
+        )
+    return build_task(payload, checkpoint)
+
+
+def frozen_classifier(task: CfxTask, source: str | Path = "the checkpoint") -> FeatureClassifier:
+    """The classifier a task explains (``task.explained_classifier()``), in eval mode with gradients disabled."""
+    explained = getattr(task, "explained_classifier", None)
+    network = explained() if callable(explained) else None
+    if not isinstance(network, FeatureClassifier):
+        raise ValueError(f"{source} holds a {type(task).__name__}, which has no FeatureClassifier to explain")
+    network = network.eval()
+    network.requires_grad_(False)
+    return network
+
+
+def load_classifier(checkpoint: str | Path, map_location: str | torch.device = "cpu") -> FeatureClassifier:
+    """Load the classifier of a cfx task checkpoint as a plain ``nn.Module`` in eval mode (the file is read once).
+
+    Works for every task with a network (the task class is read from the checkpoint): the network of a
+    ClassificationTask; for a DEPTask a :class:`~cfx.nn.loss_predictor.LossPredictingClassifier` carrying its
+    ``loss_predictor``; for a DUQTask the network with its DUQ head (:class:`~cfx.nn.duq.DUQFeatureClassifier`,
+    logits ``log K_c``).
 
     Args:
         checkpoint: path of a ``.ckpt`` written by ``cfx fit``.
@@ -184,10 +269,4 @@ def load_classifier(checkpoint: str | Path, map_location: str | torch.device = "
     Returns:
         The classifier, in eval mode, with gradients of its parameters disabled.
     """
-    task = load_task_checkpoint(checkpoint_task_class(checkpoint), checkpoint, map_location)
-    network = task.explained_classifier() if isinstance(task, ClassificationTask) else getattr(task, "network", None)
-    if not isinstance(network, FeatureClassifier):
-        raise ValueError(f"{checkpoint} holds a {type(task).__name__}, which has no FeatureClassifier `network`")
-    network = network.eval()
-    network.requires_grad_(False)
-    return network
+    return frozen_classifier(load_task(checkpoint, map_location), checkpoint)

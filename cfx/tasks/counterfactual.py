@@ -2,59 +2,68 @@
 
 ``cfx test -c configs/counterfactual/embedded_mnist_deduce.yaml`` loads the classifier checkpoint, pairs every
 test query with its targets, runs the explainer (batched), logs the metric table and writes, under
-``output_dir``, ``counterfactuals.pt`` (every pair; read it with :func:`load_counterfactual_results`),
-``metrics.json`` and ``grid.png`` (rows of query | counterfactual | difference).
+``output_dir``, ``counterfactuals.pt`` (every pair and the run's metadata; read it with
+:func:`load_counterfactual_results`), ``metrics.json`` and ``grid.png`` (rows of query | counterfactual |
+difference).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import importlib.metadata
+import inspect
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-import lightning as L
 import torch
 from torch import Tensor
 from torchvision.utils import save_image
 
 from cfx.counterfactual.base import Explainer
-from cfx.distributed import destroy_process_group_at_exit
-from cfx.io import atomic_torch_save
+from cfx.io import atomic_path, atomic_torch_save, atomic_write_text, file_sha256
 from cfx.metrics.counterfactual import CounterfactualMetrics
-from cfx.metrics.functional.counterfactual import _counterfactual_update, feature_nll, sort_record
+from cfx.metrics.functional.counterfactual import (
+    PairInputs,
+    empty_record,
+    feature_nll,
+    measure_pairs,
+    record_keys,
+    sort_record,
+)
 from cfx.nn.classifier import FeatureClassifier
+from cfx.nn.gaussian import ClassGaussians
+from cfx.seeding import per_sample_seed
+from cfx.tasks.base import CfxTask
 from cfx.tasks.classification import check_data_matches, load_classifier
 from cfx.tasks.ddu import load_classifier_and_gaussians
 
 RESULTS_FORMAT = "cfx.CounterfactualResults"
 RESULTS_FILENAME = "counterfactuals.pt"
-PAIR_KEYS = (
-    "index",
-    "target",
-    "label",
-    "original_prediction",
-    "success",
-    "target_probability",
-    "iterations",
-    "l0",
-    "l1",
-    "mse",
-    "concentration",
-    "seconds",
-)
-_HASH_MULTIPLIER = 6364136223846793005  # Knuth's 64-bit LCG multiplier
-_HASH_INCREMENT = 1442695040888963407
+IMAGE_KEYS = ("originals", "counterfactuals")
+
+
+class ExplainerFactory(Protocol):
+    """What builds the explainer: ``{class_path: ..., init_args: {...}}`` in YAML, or any callable in Python.
+
+    The task calls it with the classifier, and with ``gaussians=`` (its loaded class Gaussians) when the
+    explainer class takes a ``gaussians`` argument; a config therefore never names the Gaussians in the
+    explainer (the CLI does not offer ``explainer.init_args.gaussians``).
+    """
+
+    def __call__(self, classifier: FeatureClassifier, /, gaussians: ClassGaussians | None = None) -> Explainer:
+        """Build the explainer of ``classifier``."""
 
 
 def random_targets(indices: Tensor, classes: Tensor, num_classes: int, seed: int) -> Tensor:
     """A target class for each query, uniform over the classes other than ``classes``, seeded by its dataset index.
 
-    A splitmix-style integer hash of ``(seed, index)`` picks the target, so a query gets the same target in any
+    ``cfx.seeding.per_sample_seed(indices, seed)`` picks the target, so a query gets the same target in any
     batch, on any device and in any process.
 
     Args:
@@ -66,20 +75,8 @@ def random_targets(indices: Tensor, classes: Tensor, num_classes: int, seed: int
     Returns:
         ``(N,)`` int64 targets, never equal to ``classes``.
     """
-    seed_term = torch.tensor(seed, dtype=torch.long, device=indices.device) * _HASH_INCREMENT + 1
-    state = indices.long() * _HASH_MULTIPLIER + seed_term  # int64 arithmetic wraps around
-    for shift, multiplier in ((30, -4658895280553007687), (27, -7723592293110705685)):
-        state = (state ^ ((state >> shift) & ((1 << (64 - shift)) - 1))) * multiplier
-    state = state ^ ((state >> 31) & ((1 << 33) - 1))
-    offset = 1 + torch.remainder(state, num_classes - 1)
+    offset = 1 + torch.remainder(per_sample_seed(indices, seed), num_classes - 1)
     return torch.remainder(classes.long() + offset, num_classes)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def frame_failures(counterfactuals: Tensor, success: Tensor) -> Tensor:
@@ -99,9 +96,11 @@ def load_counterfactual_results(path: str | Path) -> dict[str, Any]:
     """Read a ``counterfactuals.pt`` written by :class:`CounterfactualTask`.
 
     Returns:
-        A dict with one entry per pair in every tensor of :data:`PAIR_KEYS` (plus ``originals``,
-        ``counterfactuals``, and ``nll`` when realism was measured), ordered by ``(index, target)``, and
-        ``summary`` (the metric table), ``method`` and ``classifier``.
+        A dict with one entry per pair in every tensor of the record schema
+        (``cfx.metrics.functional.counterfactual.PAIR_SCHEMA``; ``nll`` when realism was measured), in
+        ``originals`` and ``counterfactuals`` (and ``path``, ``(P, K, C, H, W)``, when the explainer recorded one),
+        ordered by ``(index, target)``; ``summary`` (the metric table), ``method``, ``classifier`` and
+        ``metadata`` (what made the results: see :meth:`CounterfactualTask.metadata`).
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -122,27 +121,52 @@ def load_counterfactual_results(path: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"{path} is not a counterfactual results file (expected a dict with format {RESULTS_FORMAT!r})"
         )
-    keys = (*PAIR_KEYS, "originals", "counterfactuals")
+    keys = (*record_keys(), *IMAGE_KEYS, *(("path",) if "path" in results else ()))
     missing = [key for key in keys if not isinstance(results.get(key), Tensor)]
+    missing += [key for key in ("summary", "metadata") if not isinstance(results.get(key), dict)]
     lengths = {len(results[key]) for key in keys if key not in missing}
     if missing or len(lengths) > 1:
         raise ValueError(f"{path} is incomplete: missing {missing}, per-pair lengths {sorted(lengths)}")
     return results
 
 
-class CounterfactualTask(L.LightningModule):
+def _built_class(factory: ExplainerFactory) -> type | None:
+    """The Explainer class ``factory`` builds: the class itself, or the class a ``functools.partial`` wraps.
+
+    jsonargparse turns ``{class_path: ..., init_args: ...}`` into ``partial(instantiator, Class, **init_args)``.
+    ``None`` for any other callable (its own business).
+    """
+    if isinstance(factory, type):
+        return factory
+    if isinstance(factory, functools.partial):
+        return next(
+            (item for item in (factory.func, *factory.args) if isinstance(item, type) and issubclass(item, Explainer)),
+            None,
+        )
+    return None
+
+
+def _file_facts(path: str | Path) -> dict[str, str]:
+    """``{"path": ..., "sha256": ...}`` of an input file, as the results record it."""
+    return {"path": str(path), "sha256": file_sha256(path)}
+
+
+class CounterfactualTask(CfxTask):
     """Explain a trained classifier's decisions on the queries of a DataModule (``test`` or ``predict``).
 
     Each query is paired with its targets; pairs whose target already is the classifier's prediction are
-    dropped. The explainer runs with gradients enabled, so the Trainer needs ``inference_mode: false``.
-    Metrics (:class:`~cfx.metrics.CounterfactualMetrics`) are gathered over all processes; each process writes
-    its pairs to a shard, and process 0 merges them into ``<output_dir>/counterfactuals.pt`` (written
-    atomically), ``metrics.json`` and ``grid.png`` (the output folder must be shared by all processes).
+    dropped. The explainer runs with gradients enabled: the task declares ``inference_mode=False``, which the
+    ``cfx`` command and ``setup`` apply to the Trainer (a plain ``L.Trainer()`` works). Each batch's per-pair
+    record (``cfx.metrics.functional.counterfactual.measure_pairs``) is measured once and goes both to the
+    metrics (:class:`~cfx.metrics.CounterfactualMetrics`, gathered over all processes) and to the process's
+    shard; process 0 merges the shards into ``<output_dir>/counterfactuals.pt``, ``metrics.json`` and
+    ``grid.png``, each written atomically (the output folder must be shared by all processes).
 
     Args:
-        classifier: path of the classifier's ClassificationTask checkpoint.
+        classifier: path of the classifier's checkpoint (any task :func:`~cfx.tasks.load_classifier` reads).
         explainer: builds the explainer from the classifier; YAML ``{class_path: cfx.counterfactual.DeDUCE,
-            init_args: {...}}`` without the classifier.
+            init_args: {...}}`` without the classifier and without the Gaussians, which come from ``gaussians``
+            (see :class:`ExplainerFactory`).
         targets: ``"others"`` (every class but the query's class: the DeDUCE protocol), ``"fixed"``
             (``target_class``), ``"mapping"`` (``target_mapping[query class]``; unmapped queries are skipped) or
             ``"random"`` (one class other than the query's, seeded by ``seed`` and the query's dataset index).
@@ -151,18 +175,22 @@ class CounterfactualTask(L.LightningModule):
         query_class: what a query's class is: the classifier's ``"prediction"`` or the data's ``"label"``.
         seed: seed of the ``"random"`` targets.
         gaussians: path of class Gaussians of the classifier (``class_gaussians.pt``): adds the feature NLL of
-            each counterfactual under its target class (realism).
+            each counterfactual under its target class (realism), and an explainer that takes ``gaussians``
+            (DeDUCE) is built with them.
         output_dir: where the results go (default ``<trainer.default_root_dir>/counterfactual/<explainer class>``).
-        max_queries: use only the first ``max_queries`` queries of the split (in data set order).
+        max_queries: use only the first ``max_queries`` queries of the split (in split order; only they are
+            loaded).
         grid_size: pairs shown in ``grid.png``.
         l0_tolerance: changes up to this size do not count for L0.
         concentration_threshold: pixel change that counts for the concentration box.
     """
 
+    trainer_arguments = {"inference_mode": False}
+
     def __init__(
         self,
         classifier: str,
-        explainer: Callable[[FeatureClassifier], Explainer],
+        explainer: ExplainerFactory,
         targets: Literal["others", "fixed", "mapping", "random"] = "others",
         target_class: int | None = None,
         target_mapping: dict[int, int] | None = None,
@@ -190,18 +218,43 @@ class CounterfactualTask(L.LightningModule):
             raise ValueError(f"max_queries must be >= 1 or None, got {max_queries}")
         if grid_size < 0:
             raise ValueError(f"grid_size must be >= 0, got {grid_size}")
-        self.explainer = explainer(self.network)
-        if not isinstance(self.explainer, Explainer):
-            raise ValueError(
-                f"explainer must build a cfx.counterfactual.Explainer from the classifier, got {type(self.explainer)}"
-            )
+        if l0_tolerance < 0:
+            raise ValueError(f"l0_tolerance must be >= 0, got {l0_tolerance}")
+        self.explainer = self._build_explainer(explainer)
         self.targets, self.query_class, self.seed = targets, query_class, seed
         self.output_dir, self.max_queries, self.grid_size = output_dir, max_queries, grid_size
-        self.metrics = CounterfactualMetrics(
-            realism=gaussians is not None, l0_tolerance=l0_tolerance, concentration_threshold=concentration_threshold
-        )
-        self.allowed_indices: Tensor | None = None
+        self.l0_tolerance, self.concentration_threshold = l0_tolerance, concentration_threshold
+        self.metrics = CounterfactualMetrics(realism=gaussians is not None)
+        self.files = {
+            "classifier": _file_facts(classifier),
+            "gaussians": None if gaussians is None else _file_facts(gaussians),
+        }
         self.pairs: list[dict[str, Tensor]] = []
+
+    def _build_explainer(self, factory: ExplainerFactory) -> Explainer:
+        """Call ``factory`` with the classifier, and with the task's Gaussians when its explainer takes them."""
+        explainer_class = _built_class(factory)
+        parameter = None if explainer_class is None else inspect.signature(explainer_class).parameters.get("gaussians")
+        configured = factory.keywords.get("gaussians") if isinstance(factory, functools.partial) else None
+        if parameter is not None and configured is None and self.gaussians is not None:
+            built = factory(self.network, gaussians=self.gaussians)
+        elif parameter is not None and configured is None and parameter.default is inspect.Parameter.empty:
+            raise ValueError(
+                f"{explainer_class.__name__} needs class Gaussians: set the CounterfactualTask's `gaussians:` to "
+                "the classifier's class_gaussians.pt (`cfx fit ... -c configs/ddu/fit_gaussians.yaml` writes it)"
+            )
+        elif parameter is not None and configured is not None and self.gaussians is not None:
+            raise ValueError(
+                f"the class Gaussians are named twice: set only the CounterfactualTask's `gaussians:` (it builds "
+                f"{explainer_class.__name__} with them), not the explainer's"
+            )
+        else:
+            built = factory(self.network)
+        if not isinstance(built, Explainer):
+            raise ValueError(
+                f"explainer must build a cfx.counterfactual.Explainer from the classifier, got {type(built)}"
+            )
+        return built
 
     @staticmethod
     def _target_table(
@@ -254,15 +307,15 @@ class CounterfactualTask(L.LightningModule):
 
     # -- hooks ------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        destroy_process_group_at_exit()
+        """Apply the Trainer arguments (:class:`~cfx.tasks.CfxTask`), check the data, limit the queried split."""
+        super().setup(stage)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "num_classes"):
             check_data_matches(self.network, datamodule)
         if self.max_queries is not None:
-            if not hasattr(datamodule, "dataset"):
-                raise ValueError("max_queries needs a cfx ImageDataModule (it reads the split's sample order)")
-            split = "test" if stage == "test" else datamodule.predict_split
-            self.allowed_indices = datamodule.dataset(split).indices[: self.max_queries].clone()
+            if not hasattr(datamodule, "limit_split"):
+                raise ValueError("max_queries needs a cfx ImageDataModule (it limits the split the queries come from)")
+            datamodule.limit_split("test" if stage == "test" else datamodule.predict_split, self.max_queries)
 
     def on_test_epoch_start(self) -> None:
         self._start()
@@ -283,13 +336,10 @@ class CounterfactualTask(L.LightningModule):
     def _explain(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
-                "CounterfactualTask needs gradients, but the Trainer runs it in inference mode: set "
-                "`trainer: {inference_mode: false}` in the config (or L.Trainer(inference_mode=False))"
+                "CounterfactualTask needs gradients, but it runs inside torch.inference_mode(): call the Trainer "
+                "outside of it (the task sets the Trainer's own inference_mode to False)"
             )
         images, labels, indices = batch["image"], batch["label"], batch["index"]
-        if self.allowed_indices is not None:
-            keep = torch.isin(indices, self.allowed_indices.to(indices.device))
-            images, labels, indices = images[keep], labels[keep], indices[keep]
         with torch.no_grad():
             predictions = self.network(images).argmax(dim=1)
         positions, targets = self.make_pairs(
@@ -306,41 +356,53 @@ class CounterfactualTask(L.LightningModule):
         if originals.is_cuda:
             torch.cuda.synchronize(originals.device)
         seconds = time.perf_counter() - start
-        nll = None
-        if self.gaussians is not None:
-            with torch.no_grad():
-                nll = feature_nll(self.network.forward_features(result.counterfactuals)[0], targets, self.gaussians)
-        self.metrics.update(
-            indices[positions],
-            targets,
-            originals,
-            result.counterfactuals,
-            result.success,
-            result.target_probability,
-            result.iterations,
-            seconds,
-            nll,
-        )
-        distances = _counterfactual_update(
-            originals, result.counterfactuals, self.metrics.l0_tolerance, self.metrics.concentration_threshold
-        )
-        pairs = {
+        target_probability, nll = self._measure_counterfactuals(result.counterfactuals, targets)
+        inputs = PairInputs(originals, result.counterfactuals, seconds, self.l0_tolerance, self.concentration_threshold)
+        given = {
             "index": indices[positions],
             "target": targets,
             "label": labels[positions],
             "original_prediction": predictions[positions],
             "success": result.success,
-            "target_probability": result.target_probability,
+            "target_probability": target_probability,
             "iterations": result.iterations,
-            "seconds": torch.full((len(positions),), seconds / len(positions), dtype=torch.float64),
-            "originals": originals,
-            "counterfactuals": result.counterfactuals,
-            **distances,
             **({"nll": nll} if nll is not None else {}),
         }
-        pairs = {key: value.detach().cpu() for key, value in pairs.items()}
+        record = measure_pairs(inputs, given)  # every measure once per batch: for the metrics and the results
+        self.metrics.update(record)
+        images = {"originals": originals, "counterfactuals": result.counterfactuals}
+        if result.path is not None:
+            images["path"] = result.path
+        pairs = {key: value.detach().cpu() for key, value in {**record, **images}.items()}
         self.pairs.append(pairs)
         return pairs
+
+    @functools.cached_property
+    def _float64_network(self) -> FeatureClassifier:
+        """A float64 copy of the classifier, made on first use (on the task's device; not a registered submodule)."""
+        return copy.deepcopy(self.network).to(torch.float64)
+
+    def _measure_counterfactuals(self, counterfactuals: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The classifier's target probability and (with Gaussians) the feature NLL of each counterfactual.
+
+        Both are evaluated by a float64 copy of the classifier and rounded to float32: a float32 forward pass
+        rounds differently with the batch's size and the thread count, so a value would depend on which pairs
+        shared its batch (and on the number of processes); in float64 that rounding lies far below float32's
+        resolution, so each pair's value is the same on any split of the data.
+
+        Returns:
+            ``(target_probability, nll)``, each ``(P,)`` float64 holding float32 values (``nll`` ``None`` without
+            Gaussians).
+        """
+        network = self._float64_network
+        with torch.no_grad():
+            features = network.forward_features(counterfactuals.to(torch.float64))[0]
+            probabilities = network.classify(features).softmax(dim=1)
+            target_probability = probabilities.gather(1, targets[:, None]).squeeze(1).float().double()
+            nll = None
+            if self.gaussians is not None:
+                nll = feature_nll(features, targets, self.gaussians.to(features.device)).float().double()
+        return target_probability, nll
 
     def on_test_epoch_end(self) -> None:
         summary = self._finish()
@@ -378,30 +440,47 @@ class CounterfactualTask(L.LightningModule):
         return summary
 
     def _local_pairs(self) -> dict[str, Tensor]:
+        """This process's pairs; without any, the schema's empty record and empty images (no ``path``)."""
         if self.pairs:
             return {key: torch.cat([pairs[key] for pairs in self.pairs]) for key in self.pairs[0]}
         channels, size = self.network.in_channels, self.network.image_size or 0
-        empty = {key: torch.zeros(0, dtype=torch.float64) for key in PAIR_KEYS}
-        for key in ("index", "target", "label", "original_prediction", "iterations"):
-            empty[key] = empty[key].long()
-        empty["success"] = empty["success"].bool()
-        empty["originals"] = empty["counterfactuals"] = torch.zeros(0, channels, size, size)
-        if self.gaussians is not None:
-            empty["nll"] = torch.zeros(0, dtype=torch.float64)
+        empty = empty_record(("nll",) if self.metrics.realism else ())
+        empty.update({key: torch.zeros(0, channels, size, size) for key in IMAGE_KEYS})
         return empty
 
+    def metadata(self) -> dict[str, Any]:
+        """What made the results (plain values, stored in ``counterfactuals.pt`` and ``metrics.json``).
+
+        Returns:
+            ``explainer`` (its ``params``: class path and init arguments; ``init_args.gaussians`` is the task's
+            Gaussians path when the task built it with them), ``task`` (this task's init arguments),
+            ``seed`` (the task's, seeding the random targets), ``global_seed`` (Lightning's ``seed_everything``,
+            ``None`` if not seeded), ``cfx_version``, ``classifier`` and ``gaussians`` (``{"path", "sha256"}``,
+            ``gaussians`` ``None`` without them).
+        """
+        explainer = self.explainer.params
+        if self.files["gaussians"] is not None and "gaussians" in explainer["init_args"]:
+            explainer["init_args"]["gaussians"] = self.files["gaussians"]["path"]
+        global_seed = os.environ.get("PL_GLOBAL_SEED")
+        return {
+            "explainer": explainer,
+            "task": {key: value for key, value in self.hparams.items() if not key.startswith("_")},
+            "seed": self.seed,
+            "global_seed": None if global_seed is None else int(global_seed),
+            "cfx_version": importlib.metadata.version("cfx"),
+            **self.files,
+        }
+
     def write_results(self, folder: Path, pairs: dict[str, Tensor], summary: dict[str, float]) -> None:
-        """Write ``counterfactuals.pt``, ``metrics.json`` and ``grid.png`` into ``folder``."""
+        """Write ``counterfactuals.pt``, ``metrics.json`` and ``grid.png`` into ``folder``, each atomically."""
         method = type(self.explainer).__name__
         classifier = str(self.hparams.classifier)
-        atomic_torch_save(
-            {"format": RESULTS_FORMAT, "method": method, "classifier": classifier, "summary": summary, **pairs},
-            folder / RESULTS_FILENAME,
-        )
+        info = {"method": method, "classifier": classifier, "targets": self.targets, "metadata": self.metadata()}
+        atomic_torch_save({"format": RESULTS_FORMAT, **info, "summary": summary, **pairs}, folder / RESULTS_FILENAME)
         # strict JSON: a metric without successful pairs to average over (NaN) is written as null
         metrics = {name: value if math.isfinite(value) else None for name, value in summary.items()}
-        info = {"method": method, "classifier": classifier, "targets": self.targets, "metrics": metrics}
-        _atomic_write_text(json.dumps(info, indent=2, allow_nan=False) + "\n", folder / "metrics.json")
+        text = json.dumps({**info, "metrics": metrics}, indent=2, allow_nan=False)
+        atomic_write_text(text + "\n", folder / "metrics.json")
         shown = min(self.grid_size, len(pairs["index"]))
         if shown:
             originals, counterfactuals = pairs["originals"][:shown].float(), pairs["counterfactuals"][:shown].float()
@@ -409,6 +488,5 @@ class CounterfactualTask(L.LightningModule):
             framed = frame_failures(counterfactuals, pairs["success"][:shown])  # red frame: the search failed
             tiles = [images.expand(-1, 3, -1, -1) for images in (originals, framed, difference)]
             rows = torch.stack(tiles, dim=1).flatten(0, 1)
-            temporary = folder / ".grid.tmp.png"
-            save_image(rows.clamp(0, 1), temporary, nrow=3, padding=2, pad_value=1.0)
-            os.replace(temporary, folder / "grid.png")
+            with atomic_path(folder / "grid.png") as temporary:
+                save_image(rows.clamp(0, 1), temporary, format="png", nrow=3, padding=2, pad_value=1.0)

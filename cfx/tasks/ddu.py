@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import Callback
 
 from cfx.data.base import ImageDataModule
@@ -108,3 +109,31 @@ def load_classifier_and_gaussians(
             f"the classifier has {classifier.num_classes} classes and {classifier.feature_dim} features"
         )
     return classifier, class_gaussians
+
+
+def gaussians_main(args: list[str] | None = None) -> Path:
+    """``cfx-gaussians``: fit class Gaussians for an existing checkpoint from the command line (no retraining).
+
+    Example: ``cfx-gaussians --checkpoint checkpoints/mnist/last.ckpt --data cfx.data.EmbeddedMNIST``
+    (DataModule arguments as ``--data.init_args.<name>``, or ``--data <config.yaml>`` with ``class_path`` and
+    ``init_args``, e.g. the ``data`` section of the training config).
+
+    Args:
+        args: command-line arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The path written (by default ``class_gaussians.pt`` next to the checkpoint).
+    """
+    parser = ArgumentParser(prog="cfx-gaussians", description=gaussians_main.__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=str, required=True, help="the classifier's .ckpt")
+    parser.add_subclass_arguments(ImageDataModule, "data", required=True, help="the data it was trained on")
+    parser.add_argument("--output", type=str | None, default=None, help="where to save (default: beside the ckpt)")
+    parser.add_argument("--split", type=str, default="train", help="the split fitted on")
+    config = parser.parse_args(args)
+    datamodule = parser.instantiate_classes(config).data
+    try:
+        path = fit_and_save_class_gaussians(config.checkpoint, datamodule, config.output, config.split)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+    print(f"class Gaussians saved to {path}")
+    return path

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
@@ -13,7 +11,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from cfx.metrics.ranking import PairwiseRankingAccuracy, SpearmanCorrelation
 from cfx.nn.classifier import FeatureClassifier
 from cfx.nn.loss_predictor import LossPredictingClassifier, LossPredictor, pairwise_ranking_loss
-from cfx.tasks.classification import STAGES, ClassificationTask, load_task_checkpoint
+from cfx.tasks.classification import STAGES, ClassificationTask
 
 
 class DEPTask(ClassificationTask):
@@ -80,6 +78,10 @@ class DEPTask(ClassificationTask):
             self.log(f"{stage}/{term}", mean, on_epoch=True, on_step=False)
         return loss
 
+    def explained_classifier(self) -> LossPredictingClassifier:
+        """The network carrying its loss predictor (DISC's DEP term reads ``classifier.loss_predictor``)."""
+        return LossPredictingClassifier(self.network, self.predictor)
+
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         logits, predicted_loss = self(batch["image"])
         return {
@@ -89,21 +91,3 @@ class DEPTask(ClassificationTask):
             "prediction": logits.argmax(1),
             "predicted_loss": predicted_loss,
         }
-
-
-def load_loss_predicting_classifier(
-    checkpoint: str | Path, map_location: str | torch.device = "cpu"
-) -> LossPredictingClassifier:
-    """Load a DEPTask checkpoint as a frozen :class:`~cfx.nn.loss_predictor.LossPredictingClassifier` (eval mode).
-
-    Args:
-        checkpoint: path of a ``.ckpt`` written by ``cfx fit`` with a DEPTask config.
-        map_location: device to load onto.
-
-    Returns:
-        ``model(images) -> (logits, predicted_loss)``, with gradients of its parameters disabled.
-    """
-    task = load_task_checkpoint(DEPTask, checkpoint, map_location)
-    model = LossPredictingClassifier(task.network, task.predictor).eval()
-    model.requires_grad_(False)
-    return model

@@ -18,7 +18,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from cfx.counterfactual.base import CounterfactualResult, Explainer
 from cfx.data.base import ImageDataModule, IndexedSamples
 from cfx.nn.classifier import FeatureClassifier
-from cfx.tasks.classification import ClassificationTask, check_data_matches, load_classifier
+from cfx.tasks.classification import (
+    ClassificationTask,
+    build_task,
+    check_data_matches,
+    frozen_classifier,
+    read_checkpoint,
+)
 
 
 @dataclass(frozen=True)
@@ -83,10 +89,14 @@ class _DiscrepancyData(L.LightningDataModule):
         return self.source.eval_dataloader("test")
 
 
-def _recipe(checkpoint: str | Path) -> tuple[Callable[[], FeatureClassifier], Callable, Callable | None, int | None]:
-    """How ``F`` was trained: a fresh-network builder, the optimiser and scheduler callables, its epochs (if known)."""
-    state = torch.load(Path(checkpoint), map_location="cpu", weights_only=False)
-    hyper_parameters = state.get("hyper_parameters", {})
+def _recipe(
+    payload: dict, checkpoint: str | Path
+) -> tuple[Callable[[], FeatureClassifier], Callable, Callable | None, int | None]:
+    """How ``F`` was trained: a fresh-network builder, the optimiser and scheduler callables, its epochs (if known).
+
+    The epochs are the checkpoint's public ``epoch`` key: the epochs completed when it was written.
+    """
+    hyper_parameters = payload.get("hyper_parameters") or {}
     network = hyper_parameters.get("network")
     if isinstance(network, dict) and "class_path" in network:
         build = functools.partial(instantiate_class, (), network)
@@ -99,9 +109,7 @@ def _recipe(checkpoint: str | Path) -> tuple[Callable[[], FeatureClassifier], Ca
         return functools.partial(instantiate_class, init=config) if isinstance(config, dict) else config
 
     optimizer = callable_of(hyper_parameters.get("optimizer", torch.optim.Adam))
-    progress = state.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
-    epochs = progress.get("processed")
-    return build, optimizer, callable_of(hyper_parameters.get("lr_scheduler")), epochs
+    return build, optimizer, callable_of(hyper_parameters.get("lr_scheduler")), payload.get("epoch")
 
 
 def _fresh_copy(network: nn.Module) -> nn.Module:
@@ -171,7 +179,7 @@ def classifier_discrepancy(
             ``functools.partial(DISC, prior="inr")``), which then receives the checkpoint's network.
         max_queries: explain only this many class-0 training images (see above); ``None`` = all.
         query_batch_size: queries per ``explain`` call.
-        max_epochs: epochs of ``F^c`` / ``F_ref``; ``None`` = ``F``'s (the epochs the checkpoint's fit loop processed).
+        max_epochs: epochs of ``F^c`` / ``F_ref``; ``None`` = ``F``'s (the checkpoint's ``epoch``: epochs completed).
         batch_size: training batch size of ``F^c`` / ``F_ref``; ``None`` = the DataModule's. A smaller one keeps the
             number of optimiser steps up on a ``max_queries`` subset.
         seed: seed of the network initialisation and the batch order of ``F^c`` and ``F_ref`` (both get the same).
@@ -193,9 +201,10 @@ def classifier_discrepancy(
             f"query_batch_size, max_epochs and batch_size must be >= 1, got {query_batch_size}, {max_epochs}, "
             f"{batch_size}"
         )
-    classifier = load_classifier(checkpoint)
+    payload = read_checkpoint(checkpoint)
+    classifier = frozen_classifier(build_task(payload, checkpoint), checkpoint)
     check_data_matches(classifier, datamodule)
-    build, optimizer, lr_scheduler, recorded_epochs = _recipe(checkpoint)
+    build, optimizer, lr_scheduler, recorded_epochs = _recipe(payload, checkpoint)
     epochs = max_epochs or recorded_epochs
     if not epochs:
         raise ValueError(f"{checkpoint} records no completed training epochs; pass max_epochs")

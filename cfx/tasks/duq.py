@@ -11,7 +11,8 @@ from torch.nn import functional as F
 
 from cfx.nn.classifier import FeatureClassifier
 from cfx.nn.duq import DUQClassifier, DUQFeatureClassifier, DUQHead, duq_uncertainty, gradient_penalty
-from cfx.tasks.classification import ClassificationTask, load_task_checkpoint
+from cfx.nn.evaluation import evaluation_mode
+from cfx.tasks.classification import ClassificationTask, load_task
 
 
 class DUQTask(ClassificationTask):
@@ -24,7 +25,7 @@ class DUQTask(ClassificationTask):
     the BCE plus, in training, the penalty.
 
     Args:
-        network: the feature extractor (its ``classify`` layer is unused and frozen).
+        network: the feature extractor (its final layer ``network.head`` is unused and frozen).
         optimizer: builds the optimiser over network and head parameters.
         lr_scheduler: optional scheduler.
         embedding_dim: size of the class embeddings (defaults to the network's feature_dim).
@@ -46,7 +47,8 @@ class DUQTask(ClassificationTask):
         super().__init__(network, optimizer, lr_scheduler)
         self.penalty_weight = penalty_weight
         self.head = DUQHead(network.feature_dim, network.num_classes, embedding_dim, length_scale, gamma)
-        _freeze_classification_layer(network)
+        # DUQ never calls the network's own final layer, and DDP needs a gradient for every trainable parameter.
+        network.head.requires_grad_(False)
 
     def forward(self, images: Tensor) -> Tensor:
         """``(N, C)`` kernel similarities."""
@@ -71,11 +73,8 @@ class DUQTask(ClassificationTask):
 
     def on_train_batch_end(self, outputs, batch: dict[str, Tensor], batch_idx: int) -> None:
         """Move the centroids towards the batch's class embeddings under the just-updated weights."""
-        was_training = self.network.training
-        self.network.eval()
-        with torch.no_grad():
+        with evaluation_mode(self.network), torch.no_grad():
             embeddings = self.head.embed(self.network.forward_features(batch["image"])[0])
-        self.network.train(was_training)
         self.head.update_centroids(embeddings, F.one_hot(batch["label"], self.head.num_classes))
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
@@ -89,24 +88,6 @@ class DUQTask(ClassificationTask):
         }
 
 
-def _freeze_classification_layer(network: FeatureClassifier) -> None:
-    """Stop gradients of the parameters ``network.classify`` uses.
-
-    DUQ never calls it, and DDP needs a gradient for every trainable parameter.
-    """
-    parameters = [p for p in network.parameters() if p.requires_grad]
-    if not parameters:
-        return
-    was_training = network.training
-    network.eval()  # no power-iteration or batch-norm statistics update from this probe
-    logits = network.classify(torch.zeros(1, network.feature_dim, device=parameters[0].device))
-    network.train(was_training)
-    gradients = torch.autograd.grad(logits.sum(), parameters, allow_unused=True)
-    for parameter, gradient in zip(parameters, gradients, strict=True):
-        if gradient is not None:
-            parameter.requires_grad_(False)
-
-
 def load_duq_classifier(checkpoint: str | Path, map_location: str | torch.device = "cpu") -> DUQClassifier:
     """Load a DUQTask checkpoint as a frozen :class:`~cfx.nn.duq.DUQClassifier` in eval mode (centroids included).
 
@@ -117,7 +98,7 @@ def load_duq_classifier(checkpoint: str | Path, map_location: str | torch.device
     Returns:
         ``model(images) -> (N, C)`` kernel similarities; ``model.uncertainty(images)`` gives ``-max_c K_c``.
     """
-    task = load_task_checkpoint(DUQTask, checkpoint, map_location)
+    task = load_task(checkpoint, map_location, DUQTask)
     model = DUQClassifier(task.network, task.head).eval()
     model.requires_grad_(False)
     return model

@@ -1,40 +1,23 @@
 """Counterfactual quality per (original, counterfactual) pair, and summaries over per-pair records (pure torch).
 
-A *record* is a dict of equally long 1-D tensors, one entry per pair: ``index`` (dataset index of the query),
-``target``, ``success`` (bool), ``l0``, ``l1``, ``mse``, ``concentration``, ``target_probability``,
-``iterations``, ``seconds`` (the pair's share of the explainer's time) and optionally ``nll``; other entries
-(e.g. the images and strings of a ``counterfactuals.pt`` file) are ignored.
+A *record* is a dict of equally long 1-D tensors, one entry per pair, described once by :data:`PAIR_SCHEMA`
+(name -> dtype, meaning, how it is measured and how it is summarised). The schema drives everything else: the
+record of a batch (:func:`measure_pairs`), the check (:func:`check_record`), empty records, the metric states of
+``cfx.metrics.CounterfactualMetrics``, the per-pair keys of a ``counterfactuals.pt`` file and the summary
+(:func:`_counterfactual_compute`). Entries of a record outside the schema (e.g. the images of a
+``counterfactuals.pt`` file) are ignored. Adding a measure = one schema entry (+ its measuring function).
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from cfx.nn.gaussian import ClassGaussians
-
-RECORD_KEYS = (
-    "index",
-    "target",
-    "success",
-    "l0",
-    "l1",
-    "mse",
-    "concentration",
-    "target_probability",
-    "iterations",
-    "seconds",
-)
-# summary name -> record key of the means over successful pairs
-SUCCESS_MEANS = {
-    "l0": "l0",
-    "l1": "l1",
-    "mse": "mse",
-    "concentration": "concentration",
-    "target_confidence": "target_probability",
-    "iterations": "iterations",
-    "nll": "nll",
-}
 
 
 def _check_pairs(originals: Tensor, counterfactuals: Tensor) -> None:
@@ -131,24 +114,199 @@ def feature_nll(features: Tensor, targets: Tensor, gaussians: ClassGaussians) ->
     return -log_prob.gather(1, targets.long()[:, None]).squeeze(1)
 
 
-def _counterfactual_update(
-    originals: Tensor, counterfactuals: Tensor, l0_tolerance: float = 0.0, concentration_threshold: float = 0.05
-) -> dict[str, Tensor]:
-    """The per-pair distances of a batch: ``{"l0", "l1", "mse", "concentration"}``, each ``(N,)`` float64."""
-    return {
-        "l0": l0_distance(originals, counterfactuals, l0_tolerance),
-        "l1": l1_distance(originals, counterfactuals),
-        "mse": mse(originals, counterfactuals),
-        "concentration": concentration(originals, counterfactuals, concentration_threshold),
-    }
+@dataclass(frozen=True)
+class PairInputs:
+    """What the measured entries of a batch's record are computed from.
+
+    Attributes:
+        originals: ``(N, C, H, W)`` queries.
+        counterfactuals: ``(N, C, H, W)`` counterfactuals (floating point, like the queries).
+        seconds: the explainer's time for the whole batch (shared equally by its pairs).
+        l0_tolerance: changes up to this size do not count for L0.
+        concentration_threshold: the change a pixel needs to count for the concentration box.
+    """
+
+    originals: Tensor
+    counterfactuals: Tensor
+    seconds: float = 0.0
+    l0_tolerance: float = 0.0
+    concentration_threshold: float = 0.05
+
+    def __post_init__(self) -> None:
+        _check_pairs(self.originals, self.counterfactuals)
+        if self.seconds < 0 or not math.isfinite(self.seconds):
+            raise ValueError(f"seconds must be finite and >= 0, got {self.seconds}")
+        if self.l0_tolerance < 0:
+            raise ValueError(f"l0_tolerance must be >= 0, got {self.l0_tolerance}")
 
 
-def check_record(record: dict[str, Tensor]) -> int:
-    """Raise ``ValueError`` unless ``record`` holds the per-pair keys as equally long 1-D tensors; return the length."""
-    missing = [key for key in RECORD_KEYS if not isinstance(record.get(key), Tensor)]
+@dataclass(frozen=True)
+class PairField:
+    """One per-pair entry of a record.
+
+    Attributes:
+        dtype: its dtype in a record.
+        description: what it is and how it is measured.
+        measure: computes it from a batch's :class:`PairInputs`; ``None``: the caller gives it (e.g. from the
+            explainer's result).
+        success_mean: summary name of its mean over the successful pairs (``None``: not summarised so).
+        success_median: summary name of its median over the successful pairs.
+        pair_mean: summary name of its mean over all pairs.
+        pair_mean_complement: summary name of ``1 -`` that mean.
+        optional: in a record only when measured (the feature NLL needs class Gaussians).
+    """
+
+    dtype: torch.dtype
+    description: str
+    measure: Callable[[PairInputs], Tensor] | None = None
+    success_mean: str | None = None
+    success_median: str | None = None
+    pair_mean: str | None = None
+    pair_mean_complement: str | None = None
+    optional: bool = False
+
+
+def _seconds_share(inputs: PairInputs) -> Tensor:
+    size = inputs.originals.shape[0]
+    return torch.full((size,), inputs.seconds / max(size, 1), dtype=torch.float64, device=inputs.originals.device)
+
+
+PAIR_SCHEMA: dict[str, PairField] = {
+    "index": PairField(torch.int64, "dataset index of the query"),
+    "target": PairField(torch.int64, "target class"),
+    "label": PairField(torch.int64, "the query's label in the data"),
+    "original_prediction": PairField(torch.int64, "the classifier's prediction on the query"),
+    "success": PairField(
+        torch.bool,
+        "the target was reached (the explainer's confidence criterion)",
+        pair_mean="validity",
+        pair_mean_complement="failure_rate",
+    ),
+    "seconds": PairField(
+        torch.float64,
+        "the pair's share of the explainer's time for its batch",
+        measure=_seconds_share,
+        pair_mean="seconds_per_counterfactual",
+    ),
+    "l0": PairField(
+        torch.float64,
+        "entries changed by more than l0_tolerance (l0_distance)",
+        measure=lambda inputs: l0_distance(inputs.originals, inputs.counterfactuals, inputs.l0_tolerance),
+        success_mean="l0",
+    ),
+    "l1": PairField(
+        torch.float64,
+        "sum |x' - x| (l1_distance)",
+        measure=lambda inputs: l1_distance(inputs.originals, inputs.counterfactuals),
+        success_mean="l1",
+    ),
+    "mse": PairField(
+        torch.float64,
+        "mean (x' - x)^2 (mse)",
+        measure=lambda inputs: mse(inputs.originals, inputs.counterfactuals),
+        success_mean="mse",
+    ),
+    "concentration": PairField(
+        torch.float64,
+        "area fraction of the box around the changed pixels (concentration)",
+        measure=lambda inputs: concentration(inputs.originals, inputs.counterfactuals, inputs.concentration_threshold),
+        success_mean="concentration",
+    ),
+    "target_probability": PairField(
+        torch.float64, "softmax probability of the target at the counterfactual", success_mean="target_confidence"
+    ),
+    "iterations": PairField(
+        torch.int64, "optimisation steps the pair took", success_mean="iterations", success_median="iterations_median"
+    ),
+    "nll": PairField(
+        torch.float64,
+        "feature NLL under the target's class Gaussian (feature_nll: realism)",
+        success_mean="nll",
+        optional=True,
+    ),
+}
+
+
+def record_keys(optional: Collection[str] = ()) -> tuple[str, ...]:
+    """The keys of a record in schema order: every required entry, plus the ``optional`` ones named.
+
+    Raises:
+        ValueError: a name in ``optional`` is not an optional entry of :data:`PAIR_SCHEMA`.
+    """
+    unknown = sorted(set(optional) - {key for key, field in PAIR_SCHEMA.items() if field.optional})
+    if unknown:
+        optional_keys = [key for key, field in PAIR_SCHEMA.items() if field.optional]
+        raise ValueError(f"the optional record entries are {optional_keys}, got {unknown}")
+    return tuple(key for key, field in PAIR_SCHEMA.items() if not field.optional or key in optional)
+
+
+def empty_record(optional: Collection[str] = ()) -> dict[str, Tensor]:
+    """A record without pairs: every key of :func:`record_keys` as an empty tensor of its schema dtype."""
+    return {key: torch.zeros(0, dtype=PAIR_SCHEMA[key].dtype) for key in record_keys(optional)}
+
+
+def measure_pairs(inputs: PairInputs, given: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The record of a batch of ``N`` pairs: every measured entry computed once, the others taken from ``given``.
+
+    Args:
+        inputs: the batch's images, time and measuring options.
+        given: the entries without a ``measure`` (``index``, ``target``, ``label``, ``original_prediction``,
+            ``success``, ``target_probability``, ``iterations``; ``nll`` optionally), each ``(N,)``.
+
+    Returns:
+        The record in schema order, each entry detached and cast to its schema dtype (on the images' device).
+
+    Raises:
+        ValueError: an entry is missing, unknown, measured (so not to be given) or not of shape ``(N,)``.
+    """
+    measured = {key for key, field in PAIR_SCHEMA.items() if field.measure is not None}
+    required = {key for key, field in PAIR_SCHEMA.items() if field.measure is None and not field.optional}
+    missing = sorted(required - set(given))
+    unexpected = sorted((set(given) - set(PAIR_SCHEMA)) | (set(given) & measured))
+    if missing or unexpected:
+        raise ValueError(
+            f"expected the per-pair entries {sorted(required)} (optionally "
+            f"{[key for key, field in PAIR_SCHEMA.items() if field.optional]}); missing {missing}, "
+            f"unexpected or measured here {unexpected}"
+        )
+    size = inputs.originals.shape[0]
+    wrong = {key: tuple(value.shape) for key, value in given.items() if tuple(value.shape) != (size,)}
+    if wrong:
+        raise ValueError(f"expected per-pair tensors of shape ({size},) like the {size} images, got {wrong}")
+    device = inputs.originals.device
+    record = {}
+    for key, field in PAIR_SCHEMA.items():
+        if field.measure is not None:
+            record[key] = field.measure(inputs)
+        elif key in given:
+            record[key] = given[key]
+        else:
+            continue
+        record[key] = record[key].detach().to(device=device, dtype=field.dtype)
+    return record
+
+
+def check_record(record: Mapping[str, Tensor]) -> int:
+    """Raise ``ValueError`` unless ``record`` holds the schema's entries as 1-D tensors of one length and their dtypes.
+
+    Every required entry of :data:`PAIR_SCHEMA` must be there; optional ones are checked when present; other
+    keys are ignored.
+
+    Returns:
+        The number of pairs.
+    """
+    keys = record_keys(key for key, field in PAIR_SCHEMA.items() if field.optional and key in record)
+    missing = [key for key in keys if not isinstance(record.get(key), Tensor)]
     if missing:
-        raise ValueError(f"a counterfactual record needs the tensors {list(RECORD_KEYS)}; missing {missing}")
-    shapes = {key: tuple(record[key].shape) for key in (*RECORD_KEYS, *(("nll",) if "nll" in record else ()))}
+        raise ValueError(f"a counterfactual record needs the tensors {list(record_keys())}; missing {missing}")
+    wrong_dtypes = {
+        key: f"{record[key].dtype}, expected {PAIR_SCHEMA[key].dtype}"
+        for key in keys
+        if record[key].dtype != PAIR_SCHEMA[key].dtype
+    }
+    if wrong_dtypes:
+        raise ValueError(f"a counterfactual record has entries of the wrong dtype: {wrong_dtypes}")
+    shapes = {key: tuple(record[key].shape) for key in keys}
     if len(set(shapes.values())) != 1 or len(shapes["index"]) != 1:
         raise ValueError(f"a counterfactual record needs 1-D tensors of one length, got shapes {shapes}")
     return shapes["index"][0]
@@ -169,13 +327,14 @@ def sort_record(record: dict[str, Tensor]) -> dict[str, Tensor]:
     return {key: value[order] for key, value in record.items()}
 
 
-def _counterfactual_compute(record: dict[str, Tensor], selection: Tensor | None = None) -> dict[str, Tensor]:
-    """Summary of the record's pairs (all, or those where ``selection`` is true).
+def _counterfactual_compute(record: Mapping[str, Tensor], selection: Tensor | None = None) -> dict[str, Tensor]:
+    """Summary of the record's pairs (all, or those where ``selection`` is true), as :data:`PAIR_SCHEMA` says.
 
-    ``pairs``, ``validity`` (success rate), ``failure_rate`` and ``seconds_per_counterfactual`` are over the
-    selected pairs; ``l0``, ``l1``, ``mse``, ``concentration``, ``target_confidence``, ``iterations``,
-    ``iterations_median`` and ``nll`` (if recorded) are means (median) over the selected *successful* pairs,
-    NaN when none succeeded.
+    ``pairs``, then each entry's ``pair_mean`` (and ``pair_mean_complement``) over the selected pairs
+    (``validity``, ``failure_rate``, ``seconds_per_counterfactual``), then each recorded entry's
+    ``success_mean`` / ``success_median`` over the selected *successful* pairs (``l0``, ``l1``, ``mse``,
+    ``concentration``, ``target_confidence``, ``iterations``, ``iterations_median``, ``nll``); NaN where
+    there is nothing to average.
 
     Returns:
         A dict of float64 scalars.
@@ -186,21 +345,21 @@ def _counterfactual_compute(record: dict[str, Tensor], selection: Tensor | None 
     if selected.shape != (size,):
         raise ValueError(f"expected a selection of shape ({size},), got {tuple(selected.shape)}")
     nan = torch.tensor(float("nan"), dtype=torch.float64, device=device)
-    pairs = selected.sum().to(torch.float64)
-    successes = selected & record["success"].bool()
-    validity = successes.sum() / pairs if pairs > 0 else nan
-    summary = {
-        "pairs": pairs,
-        "validity": validity,
-        "failure_rate": 1 - validity,
-        "seconds_per_counterfactual": record["seconds"].to(torch.float64)[selected].sum() / pairs if pairs > 0 else nan,
-    }
-    for name, key in SUCCESS_MEANS.items():
+    successes = selected & record["success"]
+    summary = {"pairs": selected.sum().to(torch.float64)}
+    for key, field in PAIR_SCHEMA.items():
+        if field.pair_mean is not None and key in record:
+            values = record[key].to(torch.float64)[selected]
+            summary[field.pair_mean] = values.mean() if len(values) else nan
+            if field.pair_mean_complement is not None:
+                summary[field.pair_mean_complement] = 1 - summary[field.pair_mean]
+    for key, field in PAIR_SCHEMA.items():
         if key in record:
             values = record[key].to(torch.float64)[successes]
-            summary[name] = values.mean() if len(values) else nan
-            if name == "iterations":
-                summary["iterations_median"] = torch.quantile(values, 0.5) if len(values) else nan
+            if field.success_mean is not None:
+                summary[field.success_mean] = values.mean() if len(values) else nan
+            if field.success_median is not None:
+                summary[field.success_median] = torch.quantile(values, 0.5) if len(values) else nan
     return summary
 
 

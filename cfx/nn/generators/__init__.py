@@ -3,8 +3,6 @@
 from cfx.nn.generators.base import (
     BatchedGenerator,
     image_size_pair,
-    narrow_adam_state,
-    query_seeds,
     squared_l2,
     total_variation,
 )
@@ -22,9 +20,7 @@ __all__ = [
     "fit_reconstruction",
     "image_size_pair",
     "make_generator",
-    "narrow_adam_state",
     "pixel_coordinates",
-    "query_seeds",
     "squared_l2",
     "total_variation",
 ]

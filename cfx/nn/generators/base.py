@@ -1,4 +1,4 @@
-"""The batched per-query image generator interface, the TV and L2 image priors and optimiser-state narrowing.
+"""The batched per-query image generator interface and the TV and L2 image priors.
 
 A :class:`BatchedGenerator` holds ``Q`` independent generators, one per query, whose parameters and buffers are
 all stacked along a leading query dimension. Everything random in query ``q`` is drawn from a
@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from cfx.seeding import torch_generator
 
 
 def total_variation(images: Tensor, beta: float = 2.0, eps: float = 1e-8) -> Tensor:
@@ -59,15 +61,6 @@ def image_size_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
     return size
 
 
-def query_seeds(indices: Tensor, seed: int = 0) -> Tensor:
-    """Per-query generator seeds from dataset indices: ``seed * 1_000_003 + index`` (int64, ``(Q,)``)."""
-    if indices.ndim != 1 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
-        raise ValueError(
-            f"expected (Q,) integer dataset indices, got dtype {indices.dtype}, shape {tuple(indices.shape)}"
-        )
-    return indices.to(device="cpu", dtype=torch.int64) + int(seed) * 1_000_003
-
-
 class BatchedGenerator(nn.Module, abc.ABC):
     """Q independent generators (one per query) whose parameters are stacked along a leading query dimension.
 
@@ -80,7 +73,7 @@ class BatchedGenerator(nn.Module, abc.ABC):
         num_queries: Q.
         channels: image channels C.
         image_size: H (= W) or ``(H, W)``.
-        seeds: ``(Q,)`` integer seeds, one per query (see :func:`query_seeds`).
+        seeds: ``(Q,)`` integer seeds, one per query (e.g. ``cfx.seeding.per_sample_seed(indices, seed)``).
         tv_weight: weight of the total variation.
         l2_weight: weight of the squared L2 norm.
         tv_beta: exponent beta of :func:`total_variation`.
@@ -132,7 +125,7 @@ class BatchedGenerator(nn.Module, abc.ABC):
         order with that query's generator, so query ``q`` gets the same values whatever the batch.
         """
         for q, seed in enumerate(self._seeds.tolist()):
-            generator = torch.Generator().manual_seed(seed)
+            generator = torch_generator(seed)
             for module in self.modules():
                 init_query = getattr(module, "init_query_", None)
                 if init_query is not None:
@@ -173,7 +166,8 @@ class BatchedGenerator(nn.Module, abc.ABC):
 
         Every parameter keeps its identity (its ``.data`` and ``.grad`` are replaced by their slices), so
         optimiser parameter groups and :meth:`layer_groups` stay valid; slice the optimiser state with
-        :func:`narrow_adam_state`. Buffers are replaced by their slices.
+        ``cfx.counterfactual.search.narrow_optimizer_state`` (the search loop does both). Buffers are replaced
+        by their slices.
         """
         keep = self._check_keep(keep)
         for module in self.modules():
@@ -189,28 +183,3 @@ class BatchedGenerator(nn.Module, abc.ABC):
                     module._buffers[name] = buffer[keep.to(buffer.device)]
         self._seeds = self._seeds[keep.cpu()]
         self.num_queries = int(keep.sum())
-
-
-@torch.no_grad()
-def narrow_adam_state(optimizer: torch.optim.Optimizer, generator: BatchedGenerator, keep: Tensor) -> None:
-    """Slice the per-parameter optimiser state of ``generator``'s parameters to the kept queries, in place.
-
-    Every state tensor with a leading dimension of ``len(keep)`` (Adam's ``exp_avg``, ``exp_avg_sq``,
-    ``max_exp_avg_sq``; SGD's ``momentum_buffer``) is replaced by its rows where ``keep`` is True, so the moments
-    follow the selected queries. Scalar entries (Adam's shared ``step``) are left alone. Call it together with
-    ``generator.select(keep)``, before or after.
-
-    Args:
-        optimizer: an optimiser over (some of) ``generator``'s parameters.
-        generator: the generator being narrowed.
-        keep: the ``(Q,)`` bool mask passed to ``select``.
-    """
-    if keep.dtype != torch.bool or keep.ndim != 1:
-        raise ValueError(f"expected a (Q,) bool mask, got dtype {keep.dtype}, shape {tuple(keep.shape)}")
-    for parameter in generator.parameters():
-        state = optimizer.state.get(parameter)
-        if not state:
-            continue
-        for name, value in state.items():
-            if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == keep.shape[0]:
-                state[name] = value[keep.to(value.device)]
