@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import sys
 
 import lightning as L
 from jsonargparse import ArgumentParser, Namespace
@@ -17,6 +18,9 @@ from cfx.tasks.classification import read_checkpoint
 DATA_FACTS = ("in_channels", "num_classes", "image_size")
 LIGHTNING_CKPT_PATHS = ("last", "best", "hpc")
 DESCRIPTION = "cfx: counterfactual explanations of image classifiers."
+EPILOG = (
+    "`cfx report RUN_DIR [RUN_DIR ...] --output DIR` (also `cfx-report`) writes an HTML report of counterfactual runs."
+)
 
 
 def _import(class_path: str) -> object:
@@ -52,7 +56,9 @@ class CfxCLI(LightningCLI):
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         """Lightning's parsers, with cfx's one-line description in ``cfx --help`` and ``cfx --version``."""
         super().setup_parser(
-            add_subcommands, {"prog": "cfx", "description": DESCRIPTION, **main_kwargs}, subparser_kwargs
+            add_subcommands,
+            {"prog": "cfx", "description": DESCRIPTION, "epilog": EPILOG, **main_kwargs},
+            subparser_kwargs,
         )
         self.parser.add_argument(
             "--version", action="version", version=f"cfx {importlib.metadata.version('cfx')}", help="Print the version."
@@ -145,5 +151,13 @@ def main(args: list[str] | None = None, run: bool = True) -> CfxCLI:
 
 
 def run() -> None:
-    """Console entry point of ``cfx`` and ``python -m cfx`` (exits with status 0 on success)."""
+    """Console entry point of ``cfx`` and ``python -m cfx`` (exits with status 0 on success).
+
+    ``cfx report ...`` is ``cfx-report ...`` (:func:`cfx.results.report.main`), handled before LightningCLI.
+    """
+    if sys.argv[1:2] == ["report"]:
+        from cfx.results.report import main as report_main  # only the report needs matplotlib
+
+        report_main(sys.argv[2:])
+        return
     main()

@@ -1,11 +1,15 @@
 """``make demo``: the main job on the embedded MNIST default, end to end.
 
 1. Trains (or resumes / reuses) the classifiers: the default SN-ResNet and its DDU class Gaussians (DeDUCE),
-   a plain ResNet (JSMA, as in the DeDUCE paper) and a DEP classifier with its loss predictor (DISC).
-2. Explains the first few embedded-MNIST test digits towards every other class with DeDUCE and JSMA, and the
-   first digit with DISC (LSO + INR + DEP), each through ``cfx test`` with a shipped config.
-3. Prints the metric table over the pairs every method solved and over each method's own pairs, and writes a
-   picture grid (query | each method's counterfactual and difference) to ``runs/demo/grid.png``.
+   a plain ResNet (JSMA and Wachter, as in the DeDUCE paper), a DEP classifier with its loss predictor (DISC) and
+   an independently trained oracle classifier that judges whether the counterfactuals convince another model.
+2. Explains the first 4 embedded-MNIST test digits towards every other class with DeDUCE, JSMA, Wachter and DISC
+   (LSO + INR + DEP), each through ``cfx test`` with a shipped config, recording the paths and the oracle's view.
+3. Prints the metric table over the pairs every method solved and over each method's own pairs, and writes the
+   HTML report of all runs side by side (``cfx-report``) to ``runs/demo/report/index.html``.
+
+Each run is a resumable result store (``runs/demo/<config>/results.h5``): a second ``make demo`` reuses the trained
+models and the finished stores.
 """
 
 from __future__ import annotations
@@ -13,14 +17,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-from torchvision.utils import save_image
-
 from cfx.cli import main as cli_main
 from cfx.data import EmbeddedMNIST
-from cfx.io import atomic_path
 from cfx.metrics import intersection_table, markdown_table
-from cfx.tasks import fit_and_save_class_gaussians, frame_failures, load_counterfactual_results
+from cfx.results import Results, open_results
+from cfx.results.report import write_report
+from cfx.tasks import fit_and_save_class_gaussians
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -30,13 +32,28 @@ CLASSIFIERS = (
     SN_RESNET,
     CONFIGS / "classifier" / "embedded_mnist_resnet.yaml",
     CONFIGS / "dep" / "embedded_mnist.yaml",
+    CONFIGS / "oracle" / "embedded_mnist_oracle.yaml",  # judges every method's counterfactuals independently
 )
-METHODS = {  # method name -> (counterfactual config, queries explained towards their 9 other classes)
-    "DeDUCE": (CONFIGS / "counterfactual" / "embedded_mnist_deduce.yaml", 4),
-    "JSMA": (CONFIGS / "counterfactual" / "embedded_mnist_jsma.yaml", 4),
-    "DISC LSO+INR+DEP": (CONFIGS / "counterfactual" / "embedded_mnist_lso_inr_dep.yaml", 1),
+ORACLE = REPO / "checkpoints" / "oracle_embedded_mnist" / "last.ckpt"
+METHODS = {  # method name -> counterfactual config; each explains the same first test digits x their 9 other classes
+    "DeDUCE": CONFIGS / "counterfactual" / "embedded_mnist_deduce.yaml",
+    "JSMA": CONFIGS / "counterfactual" / "embedded_mnist_jsma.yaml",
+    "Wachter": CONFIGS / "counterfactual" / "embedded_mnist_wachter.yaml",
+    "DISC LSO+INR+DEP": CONFIGS / "counterfactual" / "embedded_mnist_lso_inr_dep.yaml",
 }
-COLUMNS = ("pairs", "failure_rate", "l0", "l1", "mse", "concentration", "target_confidence", "iterations")
+QUERIES = 4
+PATH_EVERY = 10
+COLUMNS = (
+    "pairs",
+    "failure_rate",
+    "l0",
+    "l1",
+    "mse",
+    "concentration",
+    "target_confidence",
+    "iterations",
+    "oracle_validity",
+)
 
 
 def say(message: str) -> None:
@@ -54,63 +71,46 @@ def train_classifiers() -> None:
         fit_and_save_class_gaussians(GAUSSIANS.parent / "last.ckpt", EmbeddedMNIST(eval_batch_size=500))
 
 
-def explain(output: Path) -> dict[str, dict]:
-    """Run every method's counterfactual config on its queries; return method -> loaded results."""
+def explain(output: Path) -> dict[str, Results]:
+    """Run every method's counterfactual config on the same queries; return method -> its result store."""
     results = {}
-    for name, (config, queries) in METHODS.items():
+    for name, config in METHODS.items():
         folder = output / config.stem
-        say(f"{name}: the first {queries} test digit(s) x 9 target classes ({config.relative_to(REPO)})")
-        cli_main(["test", "-c", str(config), f"--model.max_queries={queries}", f"--model.output_dir={folder}"])
-        results[name] = load_counterfactual_results(folder / "counterfactuals.pt")
+        say(f"{name}: the first {QUERIES} test digits x 9 target classes ({config.relative_to(REPO)})")
+        cli_main(
+            [
+                "test",
+                "-c",
+                str(config),
+                f"--model.max_queries={QUERIES}",
+                f"--model.output_dir={folder}",
+                f"--model.explainer.init_args.path_every={PATH_EVERY}",  # the report shows the paths
+                f"--model.oracle={ORACLE}",
+            ]
+        )
+        results[name] = open_results(folder)
     return results
 
 
-def picture_grid(results: dict[str, dict], path: Path) -> None:
-    """Write one row per (query, target) pair every method explained.
-
-    A row holds the query, then per method the counterfactual and the difference (a failed search shows its last
-    iterate in a red frame; the tables count successes only).
-    """
-    keys = {name: list(zip(r["index"].tolist(), r["target"].tolist(), strict=True)) for name, r in results.items()}
-    common = sorted(set.intersection(*(set(k) for k in keys.values())))
-    if not common:
-        return
-    rgb = {name: r["originals"].float().expand(-1, 3, -1, -1) for name, r in results.items()}
-    framed = {name: frame_failures(r["counterfactuals"], r["success"]) for name, r in results.items()}
-    differences = {
-        name: ((r["counterfactuals"].float() - r["originals"].float() + 1) / 2).expand(-1, 3, -1, -1)
-        for name, r in results.items()
-    }
-    rows = []
-    for pair in common:
-        first = next(iter(results))
-        row = [rgb[first][keys[first].index(pair)]]
-        for name in results:
-            position = keys[name].index(pair)
-            row += [framed[name][position], differences[name][position]]
-        rows.append(torch.stack(row))
-    tiles = torch.nn.functional.interpolate(torch.cat(rows), scale_factor=4, mode="nearest")  # visible digits
-    with atomic_path(path) as temporary:
-        save_image(tiles.clamp(0, 1), temporary, format="png", nrow=1 + 2 * len(results), padding=4, pad_value=1.0)
-
-
 def main(arguments: list[str] | None = None) -> None:
-    """Train (or reuse) the models, explain test digits with three methods, print the tables, save the grid."""
+    """Train (or reuse) the models, explain test digits with every method, print the tables, write the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=REPO / "runs" / "demo", help="folder for results and grid")
+    parser.add_argument(
+        "--output", type=Path, default=REPO / "runs" / "demo", help="folder for the result stores and the report"
+    )
     output = parser.parse_args(arguments).output
     train_classifiers()
     results = explain(output)
-    own = {name: _columns(intersection_table({name: result})[name]) for name, result in results.items()}
-    common = {name: _columns(row) for name, row in intersection_table(results).items()}
+    records = {name: result.record() for name, result in results.items()}
+    own = {name: _columns(intersection_table({name: record})[name]) for name, record in records.items()}
+    common = {name: _columns(row) for name, row in intersection_table(records).items()}
     say("each method over its own pairs (distances over its successful pairs)")
     print(markdown_table(own))
     say("over the pairs every method solved (the DeDUCE paper's protocol)")
     print(markdown_table(common))
-    grid = output / "grid.png"
-    picture_grid(results, grid)
-    say(f"pictures: {grid} (query | then per method: counterfactual, difference; grey = unchanged)")
-    say(f"results per method: {output}/<config>/counterfactuals.pt, metrics.json, grid.png")
+    report = write_report([output / config.stem for config in METHODS.values()], output / "report")
+    say(f"report: {report} (open it in a browser: tables, pictures, paths, histograms)")
+    say(f"results per method: {output}/<config>/results.h5 (cfx.results.open_results), metrics.json, grid.png")
 
 
 def _columns(row: dict[str, float]) -> dict[str, float]:

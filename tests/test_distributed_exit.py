@@ -11,6 +11,7 @@ import atexit
 import functools
 import tempfile
 
+import h5py
 import pytest
 import torch
 import torch.distributed as dist
@@ -26,6 +27,10 @@ from tests.trainers import quiet_trainer
 def _group_alive_after_exit_handlers(rank: int, world_size: int, checkpoint: str, task_kind: str) -> dict[str, bool]:
     atexit._run_exitfuncs()  # what the interpreter does at exit, before any task ran here
     alive_without_a_task = dist.is_initialized()
+    # Running every exit handler also unregistered h5py's type converters (its own exit handler), which the result
+    # store of a counterfactual run needs: put them back, as a live interpreter has them.
+    h5py._register_converters()
+    atexit.register(h5py._unregister_converters)
     datamodule = SyntheticImages(num_samples=60, num_classes=3, batch_size=8, eval_batch_size=8)
     trainer = quiet_trainer(inference_mode=False)
     with tempfile.TemporaryDirectory() as output_dir:

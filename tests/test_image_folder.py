@@ -10,8 +10,8 @@ from PIL import Image
 
 from cfx.cli import main
 from cfx.data import ImageFolder
+from cfx.results import open_results
 from cfx.tasks import load_classifier
-from cfx.tasks.counterfactual import load_counterfactual_results
 from tests.config_helpers import tiny_trainer
 
 SIZE, PER_CLASS = 28, 8
@@ -191,8 +191,8 @@ def test_cfx_fit_then_cfx_test_explains_the_folder_with_jsma(folder, tmp_path: P
     config = tmp_path / "jsma.yaml"
     config.write_text(yaml.safe_dump(explain_config))
     main(["test", "-c", str(config)])
-    results = load_counterfactual_results(tmp_path / "out" / "counterfactuals.pt")
+    results = open_results(tmp_path / "out")
     queries = ImageFolder(str(root), channels=1).dataset("test").indices[:4]
     assert len(results["index"]) == 4 * 2  # every other class of 3, for each of the 4 queries
     assert sorted(set(results["index"].tolist())) == sorted(queries.tolist())
-    assert results["counterfactuals"].shape == (8, 1, SIZE, SIZE) and results["iterations"].max() <= 10
+    assert results.images("counterfactuals").shape == (8, 1, SIZE, SIZE) and results["iterations"].max() <= 10

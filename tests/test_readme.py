@@ -12,11 +12,12 @@ import pytest
 
 from cfx.cli import main as cfx_main
 from cfx.data.hdf5 import pack_main
+from cfx.results.report import main as report_main
 from cfx.tasks.ddu import gaussians_main
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
-ENTRY_POINTS = {"cfx-pack": pack_main, "cfx-gaussians": gaussians_main}
+ENTRY_POINTS = {"cfx-pack": pack_main, "cfx-gaussians": gaussians_main, "cfx-report": report_main}
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 
@@ -54,7 +55,9 @@ def test_every_python_snippet_runs_in_order(tmp_path):
     assert "cfx.counterfactual.DeDUCE" in completed.stdout
 
 
-@pytest.mark.parametrize("words", [w for w in command_lines() if w[0] == "cfx"], ids=lambda words: " ".join(words[1:4]))
+@pytest.mark.parametrize(
+    "words", [w for w in command_lines() if w[0] == "cfx" and w[1:2] != ["report"]], ids=lambda w: " ".join(w[1:4])
+)
 def test_every_cfx_command_line_parses(words, monkeypatch, capsys):
     """Each `cfx` line of the README parses with the shipped configs (``--print_config`` stops before running)."""
     monkeypatch.chdir(REPO)
@@ -67,10 +70,16 @@ def test_every_cfx_command_line_parses(words, monkeypatch, capsys):
     assert capsys.readouterr().out.strip()
 
 
-@pytest.mark.parametrize("program", sorted({w[0] for w in command_lines()} & set(ENTRY_POINTS)))
+def other_programs() -> list[str]:
+    """The README's console scripts besides ``cfx`` itself (``cfx report`` is ``cfx-report``)."""
+    named = {"cfx-report" if words[:2] == ["cfx", "report"] else words[0] for words in command_lines()}
+    return sorted(named & set(ENTRY_POINTS))
+
+
+@pytest.mark.parametrize("program", other_programs())
 def test_every_other_console_script_of_the_readme_exists(program, capsys):
     """The README's other commands are declared console scripts (their runs are tested in their own test files)."""
     with pytest.raises(SystemExit) as stop:
         ENTRY_POINTS[program](["--help"])
     assert stop.value.code == 0
-    assert "--data" in capsys.readouterr().out
+    assert "--output" in capsys.readouterr().out

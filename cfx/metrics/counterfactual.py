@@ -8,6 +8,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from cfx.metrics.functional.counterfactual import (
+    ORACLE_KEYS,
     PAIR_SCHEMA,
     _counterfactual_compute,
     check_record,
@@ -25,21 +26,26 @@ class CounterfactualMetrics(Metric):
     ``functional.counterfactual.measure_pairs``). ``compute`` returns the schema's summary
     (``functional.counterfactual._counterfactual_compute``): ``pairs``, ``validity``, ``failure_rate`` and
     ``seconds_per_counterfactual`` over all pairs, and the means ``l0``, ``l1``, ``mse``, ``concentration``,
-    ``target_confidence``, ``iterations`` (plus ``iterations_median``) and ``nll`` over the *successful* pairs.
+    ``target_confidence``, ``iterations`` (plus ``iterations_median``) and ``nll`` over the *successful* pairs;
+    with an oracle ``oracle_validity`` (the transfer rate), ``oracle_target_confidence`` and
+    ``oracle_original_confidence`` over the successful pairs and ``oracle_validity_all_pairs`` over all pairs.
     :meth:`record` returns the per-pair values, ordered by ``(index, target)``, for :func:`intersection_table`.
 
     Args:
         realism: expect the feature NLL under the class Gaussians in every ``update`` (adds ``nll``).
+        oracle: expect an independent oracle's measures (``functional.counterfactual.ORACLE_KEYS``) in every
+            ``update``.
         **kwargs: see ``torchmetrics.Metric``.
     """
 
     is_differentiable = False
     full_state_update = False
 
-    def __init__(self, realism: bool = False, **kwargs):
+    def __init__(self, realism: bool = False, oracle: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.realism = realism
-        self.keys = record_keys(("nll",) if realism else ())
+        self.realism, self.oracle = realism, oracle
+        self.optional = (*(("nll",) if realism else ()), *(ORACLE_KEYS if oracle else ()))
+        self.keys = record_keys(self.optional)
         for key in self.keys:
             self.add_state(key, default=[], dist_reduce_fx="cat")
         self.set_dtype(torch.float64)  # an empty process sends its share in this dtype
@@ -49,7 +55,8 @@ class CounterfactualMetrics(Metric):
 
         Args:
             record: the batch's record (``functional.counterfactual.measure_pairs``); entries outside the
-                schema (images) are ignored. It holds ``nll`` exactly when the metric was built with ``realism``.
+                schema (images) are ignored. It holds ``nll`` exactly when the metric was built with ``realism``,
+                the oracle's entries exactly when it was built with ``oracle``.
         """
         check_record(record)
         if ("nll" in record) != self.realism:
@@ -57,6 +64,14 @@ class CounterfactualMetrics(Metric):
                 "nll is required when the metric was built with realism=True"
                 if self.realism
                 else "got an nll but the metric was built with realism=False"
+            )
+        present = [key for key in ORACLE_KEYS if key in record]
+        if present != (list(ORACLE_KEYS) if self.oracle else []):
+            raise ValueError(
+                f"the oracle entries {list(ORACLE_KEYS)} are required when the metric was built with oracle=True, "
+                f"got {present}"
+                if self.oracle
+                else f"got oracle entries {present} but the metric was built with oracle=False"
             )
         for key in self.keys:  # every state float64 (exact for indices < 2**53): one dtype for the gather
             getattr(self, key).append(record[key].detach().to(device=self.device, dtype=torch.float64))
@@ -88,8 +103,10 @@ def intersection_table(records: dict[str, dict[str, Tensor]]) -> dict[str, dict[
 
     Returns:
         Method name -> metric -> value. ``pairs``, ``l0``, ``l1``, ``mse``, ``concentration``,
-        ``target_confidence``, ``iterations``, ``iterations_median`` and ``nll`` are over the common pairs;
-        ``failure_rate`` and ``seconds_per_counterfactual`` are over all of the method's own pairs.
+        ``target_confidence``, ``iterations``, ``iterations_median``, ``nll`` and the oracle's
+        ``oracle_validity``, ``oracle_target_confidence``, ``oracle_original_confidence`` are over the common
+        pairs; ``failure_rate``, ``seconds_per_counterfactual`` and ``oracle_validity_all_pairs`` are over all
+        of the method's own pairs.
     """
     masks = intersection_mask(records)
     over_own_pairs = [

@@ -8,7 +8,7 @@ from cfx.tasks.classification import (
     load_task,
     read_checkpoint,
 )
-from cfx.tasks.counterfactual import CounterfactualTask, frame_failures, load_counterfactual_results
+from cfx.tasks.counterfactual import CounterfactualTask
 from cfx.tasks.ddu import FitClassGaussians, fit_and_save_class_gaussians, load_classifier_and_gaussians
 from cfx.tasks.dep import DEPTask
 from cfx.tasks.discrepancy import DiscrepancyResult, classifier_discrepancy
@@ -27,8 +27,6 @@ __all__ = [
     "fit_and_save_class_gaussians",
     "load_classifier",
     "load_classifier_and_gaussians",
-    "frame_failures",
-    "load_counterfactual_results",
     "load_duq_classifier",
     "load_task",
     "read_checkpoint",

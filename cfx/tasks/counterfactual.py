@@ -1,10 +1,10 @@
 """CounterfactualTask: run any explainer over a query DataModule in ``cfx test`` / ``cfx predict``.
 
 ``cfx test -c configs/counterfactual/embedded_mnist_deduce.yaml`` loads the classifier checkpoint, pairs every
-test query with its targets, runs the explainer (batched), logs the metric table and writes, under
-``output_dir``, ``counterfactuals.pt`` (every pair and the run's metadata; read it with
-:func:`load_counterfactual_results`), ``metrics.json`` and ``grid.png`` (rows of query | counterfactual |
-difference).
+test query with its targets, runs the explainer (batched), appends every batch to the result store
+``<output_dir>/results.h5`` (every pair and the run's metadata, resumable; read it with
+:func:`cfx.results.open_results`), and at the end writes ``metrics.json`` and ``grid.png`` (rows of query |
+counterfactual | difference) from the store.
 """
 
 from __future__ import annotations
@@ -16,36 +16,59 @@ import inspect
 import json
 import math
 import os
-import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torchvision.utils import save_image
 
 from cfx.counterfactual.base import Explainer
-from cfx.io import atomic_path, atomic_torch_save, atomic_write_text, file_sha256
-from cfx.metrics.counterfactual import CounterfactualMetrics
+from cfx.io import atomic_write_text, file_sha256
 from cfx.metrics.functional.counterfactual import (
+    ORACLE_KEYS,
     PairInputs,
-    empty_record,
     feature_nll,
     measure_pairs,
+    oracle_measures,
     record_keys,
-    sort_record,
 )
 from cfx.nn.classifier import FeatureClassifier
 from cfx.nn.gaussian import ClassGaussians
+from cfx.results.pictures import store_grid
+from cfx.results.store import (
+    STORE_FILENAME,
+    Results,
+    StoreWriter,
+    finish_store,
+    is_sorted,
+    merge_stores,
+    metadata_differences,
+    open_results,
+    strict_json_summary,
+)
 from cfx.seeding import per_sample_seed
 from cfx.tasks.base import CfxTask
 from cfx.tasks.classification import check_data_matches, load_classifier
 from cfx.tasks.ddu import load_classifier_and_gaussians
 
-RESULTS_FORMAT = "cfx.CounterfactualResults"
-RESULTS_FILENAME = "counterfactuals.pt"
-IMAGE_KEYS = ("originals", "counterfactuals")
+SHARD_PATTERN = "results.rank*.h5"  # process r > 0 of a DDP run appends to results.rank{r}.h5, process 0 to results.h5
+RESUME_IGNORES = (  # metadata a resumed run may change: where things are (their content hashes are compared)
+    "task.output_dir",
+    "task.grid_size",
+    "task.overwrite",
+    "task.classifier",
+    "task.gaussians",
+    "task.oracle",
+    "classifier.path",
+    "gaussians.path",
+    "oracle.path",
+    "explainer.init_args.gaussians",
+    "cfx_version",
+)
 
 
 class ExplainerFactory(Protocol):
@@ -79,57 +102,6 @@ def random_targets(indices: Tensor, classes: Tensor, num_classes: int, seed: int
     return torch.remainder(classes.long() + offset, num_classes)
 
 
-def frame_failures(counterfactuals: Tensor, success: Tensor) -> Tensor:
-    """RGB copies of ``counterfactuals`` (``(N, C, H, W)``, C = 1 or 3), a red one-pixel frame where not ``success``.
-
-    A failed search returns its last iterate, which looks like a counterfactual: the frame tells them apart in a grid.
-    """
-    rgb = counterfactuals.float().expand(-1, 3, -1, -1)
-    frame = torch.zeros(rgb.shape[-2:], dtype=torch.bool, device=rgb.device)
-    frame[[0, -1], :] = True
-    frame[:, [0, -1]] = True
-    red = torch.tensor([1.0, 0.0, 0.0], device=rgb.device).view(1, 3, 1, 1)
-    return torch.where(~success.bool().view(-1, 1, 1, 1) & frame, red, rgb)
-
-
-def load_counterfactual_results(path: str | Path) -> dict[str, Any]:
-    """Read a ``counterfactuals.pt`` written by :class:`CounterfactualTask`.
-
-    Returns:
-        A dict with one entry per pair in every tensor of the record schema
-        (``cfx.metrics.functional.counterfactual.PAIR_SCHEMA``; ``nll`` when realism was measured), in
-        ``originals`` and ``counterfactuals`` (and ``path``, ``(P, K, C, H, W)``, when the explainer recorded one),
-        ordered by ``(index, target)``; ``summary`` (the metric table), ``method``, ``classifier`` and
-        ``metadata`` (what made the results: see :meth:`CounterfactualTask.metadata`).
-
-    Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: the file is unreadable, not a counterfactual results file, or inconsistent.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no counterfactual results at {path.resolve()} (write them with `cfx test -c configs/counterfactual/...`)"
-        )
-    try:
-        results = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(
-            f"{path} is not a readable counterfactual results file ({type(error).__name__}: {error})"
-        ) from error
-    if not isinstance(results, dict) or results.get("format") != RESULTS_FORMAT:
-        raise ValueError(
-            f"{path} is not a counterfactual results file (expected a dict with format {RESULTS_FORMAT!r})"
-        )
-    keys = (*record_keys(), *IMAGE_KEYS, *(("path",) if "path" in results else ()))
-    missing = [key for key in keys if not isinstance(results.get(key), Tensor)]
-    missing += [key for key in ("summary", "metadata") if not isinstance(results.get(key), dict)]
-    lengths = {len(results[key]) for key in keys if key not in missing}
-    if missing or len(lengths) > 1:
-        raise ValueError(f"{path} is incomplete: missing {missing}, per-pair lengths {sorted(lengths)}")
-    return results
-
-
 def _built_class(factory: ExplainerFactory) -> type | None:
     """The Explainer class ``factory`` builds: the class itself, or the class a ``functools.partial`` wraps.
 
@@ -157,10 +129,12 @@ class CounterfactualTask(CfxTask):
     Each query is paired with its targets; pairs whose target already is the classifier's prediction are
     dropped. The explainer runs with gradients enabled: the task declares ``inference_mode=False``, which the
     ``cfx`` command and ``setup`` apply to the Trainer (a plain ``L.Trainer()`` works). Each batch's per-pair
-    record (``cfx.metrics.functional.counterfactual.measure_pairs``) is measured once and goes both to the
-    metrics (:class:`~cfx.metrics.CounterfactualMetrics`, gathered over all processes) and to the process's
-    shard; process 0 merges the shards into ``<output_dir>/counterfactuals.pt``, ``metrics.json`` and
-    ``grid.png``, each written atomically (the output folder must be shared by all processes).
+    record (``cfx.metrics.functional.counterfactual.measure_pairs``) is measured once and appended, with the
+    images, to the process's result store (``results.h5`` for process 0, ``results.rank<r>.h5`` for the others),
+    flushed before the next batch; rerunning the same run resumes it (pairs already stored are skipped). At the
+    end process 0 merges the shards into ``<output_dir>/results.h5`` and writes ``metrics.json`` (the metric
+    table of the whole store) and ``grid.png``, each atomically (the output folder must be shared by all
+    processes).
 
     Args:
         classifier: path of the classifier's checkpoint (any task :func:`~cfx.tasks.load_classifier` reads).
@@ -183,6 +157,16 @@ class CounterfactualTask(CfxTask):
         grid_size: pairs shown in ``grid.png``.
         l0_tolerance: changes up to this size do not count for L0.
         concentration_threshold: pixel change that counts for the concentration box.
+        oracle: path of an independent classifier's checkpoint (trained separately, e.g. ``configs/oracle/``; any
+            task :func:`~cfx.tasks.load_classifier` reads) with the classifier's classes, channels and image size:
+            adds its target probability, whether it predicts the target and its probability of the query's class
+            (``oracle_*``) per pair, and ``oracle_validity`` (the transfer rate over the successful pairs: do the
+            counterfactuals that fooled the classifier convince the oracle, or are they adversarial?),
+            ``oracle_validity_all_pairs``, ``oracle_target_confidence`` and ``oracle_original_confidence`` to
+            the metric table.
+        overwrite: delete the results of an earlier run in ``output_dir`` and start over. Without it a run
+            resumes a store made by the same configuration (same task arguments, explainer, classifier and
+            auxiliary files by content) and refuses one made by another.
     """
 
     trainer_arguments = {"inference_mode": False}
@@ -202,6 +186,8 @@ class CounterfactualTask(CfxTask):
         grid_size: int = 16,
         l0_tolerance: float = 0.0,
         concentration_threshold: float = 0.05,
+        oracle: str | None = None,
+        overwrite: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["explainer"])
@@ -224,12 +210,18 @@ class CounterfactualTask(CfxTask):
         self.targets, self.query_class, self.seed = targets, query_class, seed
         self.output_dir, self.max_queries, self.grid_size = output_dir, max_queries, grid_size
         self.l0_tolerance, self.concentration_threshold = l0_tolerance, concentration_threshold
-        self.metrics = CounterfactualMetrics(realism=gaussians is not None)
+        self.oracle_network = None if oracle is None else self._checked_oracle(load_classifier(oracle), oracle)
+        optional = (*(("nll",) if gaussians is not None else ()), *(ORACLE_KEYS if oracle is not None else ()))
+        self.record_keys = record_keys(optional)  # the store's per-pair columns
         self.files = {
             "classifier": _file_facts(classifier),
             "gaussians": None if gaussians is None else _file_facts(gaussians),
+            "oracle": None if oracle is None else _file_facts(oracle),
         }
-        self.pairs: list[dict[str, Tensor]] = []
+        self.overwrite = overwrite
+        self._done = torch.zeros(0, dtype=torch.long)  # index * num_classes + target of every stored pair
+        self._writer: StoreWriter | None = None
+        self._progress: dict[str, float] = {}
 
     def _build_explainer(self, factory: ExplainerFactory) -> Explainer:
         """Call ``factory`` with the classifier, and with the task's Gaussians when its explainer takes them."""
@@ -323,9 +315,64 @@ class CounterfactualTask(CfxTask):
     def on_predict_epoch_start(self) -> None:
         self._start()
 
+    def configure_callbacks(self) -> list[Callback]:
+        """The progress report (:class:`CounterfactualProgress`)."""
+        return [CounterfactualProgress()]
+
     def _start(self) -> None:
-        self.metrics.reset()
-        self.pairs = []
+        """Find the stores of an earlier run of this configuration (or clear them with ``overwrite``).
+
+        Every process reads every store in the folder (the merged ``results.h5`` and each process's shard), so a
+        pair stored by any process of any earlier run is skipped whatever the sharding of this run.
+        """
+        folder = self.results_dir()
+        merged = folder / STORE_FILENAME
+        if self.trainer.is_global_zero:
+            shards = sorted(folder.glob(SHARD_PATTERN))
+            if self.overwrite:
+                for path in (merged, *shards):
+                    path.unlink(missing_ok=True)
+            elif shards and merged.is_file() and open_results(merged).finished:
+                for path in shards:  # merged already: a kill landed between the merge and removing the shards
+                    path.unlink()
+        self.trainer.strategy.barrier("counterfactual_store_cleared")
+        self._metadata = self.metadata()
+        done = [torch.zeros(0, dtype=torch.long)]
+        for path in [merged, *sorted(folder.glob(SHARD_PATTERN))]:
+            if path.exists():
+                stored = open_results(path)
+                self._check_resumable(stored)
+                done.append(stored["index"] * self.network.num_classes + stored["target"])
+        self._done = torch.cat(done)
+        self.trainer.strategy.barrier("counterfactual_store_read")  # before any process appends to its file
+        self._writer = None
+        self._progress = dict.fromkeys(("batches", "stored", "explained", "successes", "seconds"), 0)
+        self._progress.update(stored=len(self._done), started=time.perf_counter())
+
+    def _check_resumable(self, stored: Results) -> None:
+        """Raise unless ``stored`` was made by this configuration (see ``overwrite``)."""
+        differences = metadata_differences(stored.metadata, self._metadata, RESUME_IGNORES)
+        if differences:
+            shown = "; ".join(
+                f"{key}: stored {_dotted(stored.metadata, key)!r}, now {_dotted(self._metadata, key)!r}"
+                for key in differences[:5]
+            )
+            raise ValueError(
+                f"{stored.path} holds the results of another run ({shown}"
+                f"{'; ...' if len(differences) > 5 else ''}): set --model.overwrite=true to start over, or "
+                "choose another model.output_dir"
+            )
+
+    def _store(self) -> StoreWriter:
+        """This process's store (made on first use): ``results.h5`` for process 0, ``results.rank{r}.h5`` for r > 0."""
+        if self._writer is None:
+            rank = self.trainer.global_rank
+            path = self.results_dir() / (STORE_FILENAME if rank == 0 else SHARD_PATTERN.replace("*", str(rank)))
+            if path.exists():
+                self._writer = StoreWriter.resume(path)
+            else:
+                self._writer = StoreWriter.create(path, self._metadata, self.record_keys)
+        return self._writer
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._explain(batch)
@@ -345,6 +392,9 @@ class CounterfactualTask(CfxTask):
         positions, targets = self.make_pairs(
             indices, predictions if self.query_class == "prediction" else labels, predictions
         )
+        stored = torch.isin(indices[positions] * self.network.num_classes + targets, self._done.to(targets.device))
+        positions, targets = positions[~stored], targets[~stored]  # pairs an earlier run stored are not redone
+        self._progress["batches"] += 1
         if len(positions) == 0:
             return {}
         originals = images[positions]
@@ -356,7 +406,8 @@ class CounterfactualTask(CfxTask):
         if originals.is_cuda:
             torch.cuda.synchronize(originals.device)
         seconds = time.perf_counter() - start
-        target_probability, nll = self._measure_counterfactuals(result.counterfactuals, targets)
+        classes = (predictions if self.query_class == "prediction" else labels)[positions]
+        measured = self._measure_counterfactuals(result.counterfactuals, targets, classes)
         inputs = PairInputs(originals, result.counterfactuals, seconds, self.l0_tolerance, self.concentration_threshold)
         given = {
             "index": indices[positions],
@@ -364,45 +415,79 @@ class CounterfactualTask(CfxTask):
             "label": labels[positions],
             "original_prediction": predictions[positions],
             "success": result.success,
-            "target_probability": target_probability,
             "iterations": result.iterations,
-            **({"nll": nll} if nll is not None else {}),
+            **measured,  # target_probability, + nll with Gaussians, + the oracle's entries with an oracle
         }
-        record = measure_pairs(inputs, given)  # every measure once per batch: for the metrics and the results
-        self.metrics.update(record)
+        record = measure_pairs(inputs, given)  # every measure once per batch, stored with the images
         images = {"originals": originals, "counterfactuals": result.counterfactuals}
         if result.path is not None:
             images["path"] = result.path
         pairs = {key: value.detach().cpu() for key, value in {**record, **images}.items()}
-        self.pairs.append(pairs)
+        self._store().append({key: pairs[key] for key in record}, {key: pairs[key] for key in images})
+        self._progress["explained"] += len(positions)
+        self._progress["successes"] += int(record["success"].sum())
+        self._progress["seconds"] += seconds
         return pairs
+
+    def _checked_oracle(self, oracle: FeatureClassifier, path: str) -> FeatureClassifier:
+        """``oracle``, after checking that it classifies the classifier's classes from the same kind of images."""
+        network, problems = self.network, []
+        if oracle.num_classes != network.num_classes:
+            problems.append(f"it outputs {oracle.num_classes} classes, the classifier {network.num_classes}")
+        if oracle.in_channels != network.in_channels:
+            problems.append(f"it expects {oracle.in_channels} channel(s), the classifier {network.in_channels}")
+        if None not in (oracle.image_size, network.image_size) and oracle.image_size != network.image_size:
+            problems.append(f"it was built for {oracle.image_size} px, the classifier for {network.image_size} px")
+        if problems:
+            raise ValueError(
+                f"the oracle {path} does not fit the classifier {self.hparams.classifier}: "
+                + "; ".join(problems)
+                + " (an oracle is another classifier of the same classes and images, e.g. from configs/oracle/)"
+            )
+        return oracle
 
     @functools.cached_property
     def _float64_network(self) -> FeatureClassifier:
         """A float64 copy of the classifier, made on first use (on the task's device; not a registered submodule)."""
         return copy.deepcopy(self.network).to(torch.float64)
 
-    def _measure_counterfactuals(self, counterfactuals: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The classifier's target probability and (with Gaussians) the feature NLL of each counterfactual.
+    @functools.cached_property
+    def _float64_oracle(self) -> FeatureClassifier:
+        """A float64 copy of the oracle, made on first use (on the task's device; not a registered submodule)."""
+        return copy.deepcopy(self.oracle_network).to(torch.float64)
 
-        Both are evaluated by a float64 copy of the classifier and rounded to float32: a float32 forward pass
+    def _measure_counterfactuals(self, counterfactuals: Tensor, targets: Tensor, classes: Tensor) -> dict[str, Tensor]:
+        """The classifier's target probability and prediction, the feature NLL (with Gaussians), the oracle's measures.
+
+        Each is evaluated by a float64 copy of its network and rounded to float32: a float32 forward pass
         rounds differently with the batch's size and the thread count, so a value would depend on which pairs
         shared its batch (and on the number of processes); in float64 that rounding lies far below float32's
         resolution, so each pair's value is the same on any split of the data.
 
+        Args:
+            counterfactuals: ``(P, C, H, W)`` the counterfactuals.
+            targets: ``(P,)`` their targets.
+            classes: ``(P,)`` their queries' classes (``query_class``), for ``oracle_original_probability``.
+
         Returns:
-            ``(target_probability, nll)``, each ``(P,)`` float64 holding float32 values (``nll`` ``None`` without
-            Gaussians).
+            ``target_probability`` and ``counterfactual_prediction``, plus ``nll`` with Gaussians and the entries of
+            ``cfx.metrics.functional.counterfactual.oracle_measures`` with an oracle, each ``(P,)`` (floating
+            entries float64 holding float32 values).
         """
         network = self._float64_network
         with torch.no_grad():
             features = network.forward_features(counterfactuals.to(torch.float64))[0]
             probabilities = network.classify(features).softmax(dim=1)
-            target_probability = probabilities.gather(1, targets[:, None]).squeeze(1).float().double()
-            nll = None
+            measured = {
+                "target_probability": probabilities.gather(1, targets[:, None]).squeeze(1),
+                "counterfactual_prediction": probabilities.argmax(dim=1),
+            }
             if self.gaussians is not None:
-                nll = feature_nll(features, targets, self.gaussians.to(features.device)).float().double()
-        return target_probability, nll
+                measured["nll"] = feature_nll(features, targets, self.gaussians.to(features.device))
+            if self.oracle_network is not None:
+                oracle_probabilities = self._float64_oracle(counterfactuals.to(torch.float64)).softmax(dim=1)
+                measured.update(oracle_measures(oracle_probabilities, targets, classes))
+        return {key: value.float().double() if value.is_floating_point() else value for key, value in measured.items()}
 
     def on_test_epoch_end(self) -> None:
         summary = self._finish()
@@ -420,36 +505,41 @@ class CounterfactualTask(CfxTask):
         return Path(self.trainer.default_root_dir) / "counterfactual" / type(self.explainer).__name__.lower()
 
     def _finish(self) -> dict[str, float]:
-        """Compute the metrics over all processes, merge the per-process pairs and write the result files."""
-        summary = {key: float(value) for key, value in self.metrics.compute().items()}
-        folder = self.results_dir()
-        shards = folder / ".shards"
-        rank, world_size = self.trainer.global_rank, self.trainer.world_size
-        if self.trainer.is_global_zero:
-            shutil.rmtree(shards, ignore_errors=True)
-        self.trainer.strategy.barrier("counterfactual_shards_cleared")
-        atomic_torch_save(self._local_pairs(), shards / f"rank{rank}.pt")
-        self.trainer.strategy.barrier("counterfactual_shards_written")
-        if self.trainer.is_global_zero:
-            parts = [torch.load(shards / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
-            parts = [part for part in parts if len(part["index"])] or parts[:1]
-            merged = sort_record({key: torch.cat([part[key] for part in parts]) for key in parts[0]})
-            self.write_results(folder, merged, summary)
-            shutil.rmtree(shards, ignore_errors=True)
-        self.trainer.strategy.barrier("counterfactual_results_written")
-        return summary
+        """Merge the stores into a finished ``results.h5`` (process 0); the metric table of all its pairs.
 
-    def _local_pairs(self) -> dict[str, Tensor]:
-        """This process's pairs; without any, the schema's empty record and empty images (no ``path``)."""
-        if self.pairs:
-            return {key: torch.cat([pairs[key] for pairs in self.pairs]) for key in self.pairs[0]}
-        channels, size = self.network.in_channels, self.network.image_size or 0
-        empty = empty_record(("nll",) if self.metrics.realism else ())
-        empty.update({key: torch.zeros(0, channels, size, size) for key in IMAGE_KEYS})
-        return empty
+        The metrics are recomputed from the whole store, pairs of earlier (killed) runs included, so a resumed run
+        reports what an uninterrupted one reports. Every process returns the same table.
+        """
+        self.trainer.strategy.barrier("counterfactual_stores_written")
+        summary = None
+        if self.trainer.is_global_zero:
+            results = self._merged_store(self.results_dir())
+            summary = results.summary()
+            self.write_results(results)
+        return self.trainer.strategy.broadcast(summary, src=0)
+
+    def _merged_store(self, folder: Path) -> Results:
+        """``results.h5`` finished: every process's pairs sorted by ``(index, target)``; the shards removed."""
+        merged, shards = folder / STORE_FILENAME, sorted(folder.glob(SHARD_PATTERN))
+        if merged.exists() and not shards:
+            results = open_results(merged)
+            if results.finished:
+                return results
+            if is_sorted(results):
+                finish_store(merged)
+                return open_results(merged)
+        if not merged.exists() and not shards:  # no process had a pair to explain
+            StoreWriter.create(merged, self._metadata, self.record_keys)
+            finish_store(merged)
+            return open_results(merged)
+        sources = [open_results(path) for path in ([merged] if merged.exists() else []) + shards]
+        results = merge_stores(sources, merged, self._metadata)
+        for path in shards:
+            path.unlink()
+        return results
 
     def metadata(self) -> dict[str, Any]:
-        """What made the results (plain values, stored in ``counterfactuals.pt`` and ``metrics.json``).
+        """What made the results (plain values, stored in ``results.h5`` and ``metrics.json``).
 
         Returns:
             ``explainer`` (its ``params``: class path and init arguments; ``init_args.gaussians`` is the task's
@@ -471,22 +561,92 @@ class CounterfactualTask(CfxTask):
             **self.files,
         }
 
-    def write_results(self, folder: Path, pairs: dict[str, Tensor], summary: dict[str, float]) -> None:
-        """Write ``counterfactuals.pt``, ``metrics.json`` and ``grid.png`` into ``folder``, each atomically."""
-        method = type(self.explainer).__name__
-        classifier = str(self.hparams.classifier)
-        info = {"method": method, "classifier": classifier, "targets": self.targets, "metadata": self.metadata()}
-        atomic_torch_save({"format": RESULTS_FORMAT, **info, "summary": summary, **pairs}, folder / RESULTS_FILENAME)
+    def write_results(self, results: Results) -> None:
+        """Write ``metrics.json`` (the store's metric table and metadata) and ``grid.png`` next to the store."""
+        folder = results.path.parent
+        info = {
+            "method": type(self.explainer).__name__,
+            "classifier": str(self.hparams.classifier),
+            "targets": self.targets,
+            "metadata": results.metadata,
+        }
         # strict JSON: a metric without successful pairs to average over (NaN) is written as null
-        metrics = {name: value if math.isfinite(value) else None for name, value in summary.items()}
-        text = json.dumps({**info, "metrics": metrics}, indent=2, allow_nan=False)
+        text = json.dumps({**info, "metrics": strict_json_summary(results.summary())}, indent=2, allow_nan=False)
         atomic_write_text(text + "\n", folder / "metrics.json")
-        shown = min(self.grid_size, len(pairs["index"]))
-        if shown:
-            originals, counterfactuals = pairs["originals"][:shown].float(), pairs["counterfactuals"][:shown].float()
-            difference = (counterfactuals - originals + 1) / 2  # grey = unchanged, bright = added, dark = removed
-            framed = frame_failures(counterfactuals, pairs["success"][:shown])  # red frame: the search failed
-            tiles = [images.expand(-1, 3, -1, -1) for images in (originals, framed, difference)]
-            rows = torch.stack(tiles, dim=1).flatten(0, 1)
-            with atomic_path(folder / "grid.png") as temporary:
-                save_image(rows.clamp(0, 1), temporary, format="png", nrow=3, padding=2, pad_value=1.0)
+        if self.grid_size and len(results):
+            store_grid(results, folder / "grid.png", count=self.grid_size)
+
+
+def _dotted(metadata: dict[str, Any], key: str) -> Any:
+    """The value at a dotted key of nested metadata (``"<absent>"`` where there is none)."""
+    value: Any = json.loads(json.dumps(metadata))
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return "<absent>"
+        value = value[part]
+    return value
+
+
+def progress_line(progress: dict[str, float], batches_done: int, total_batches: float, now: float) -> dict[str, str]:
+    """What :class:`CounterfactualProgress` shows: pairs done / total, validity so far, pairs per second, ETA.
+
+    Args:
+        progress: the task's counters: ``stored`` (pairs found from an earlier run), ``explained`` and
+            ``successes`` (pairs explained by this run, and how many succeeded), ``started`` (the
+            ``time.perf_counter()`` of the start).
+        batches_done: query batches done by this process.
+        total_batches: this process's query batches (``inf`` when unknown).
+        now: the current ``time.perf_counter()``.
+
+    Returns:
+        ``pairs`` (``done/total``, the total extrapolated from the pairs per batch so far, ``?`` when unknown),
+        ``validity`` (this run's), ``pairs/s`` and ``eta`` (``h:mm:ss``).
+    """
+    done = progress["stored"] + progress["explained"]
+    finite = math.isfinite(total_batches) and batches_done > 0
+    total = round(done * total_batches / batches_done) if finite else None
+    elapsed = max(now - progress["started"], 1e-9)
+    rate = progress["explained"] / elapsed
+    remaining = elapsed * (total_batches - batches_done) / batches_done if finite else None
+    validity = progress["successes"] / progress["explained"] if progress["explained"] else float("nan")
+    eta = "?" if remaining is None else time.strftime("%H:%M:%S", time.gmtime(remaining))
+    return {
+        "pairs": f"{int(done)}/{'?' if total is None else total}",
+        "validity": f"{validity:.3f}",
+        "pairs/s": f"{rate:.2f}",
+        "eta": eta,
+    }
+
+
+class CounterfactualProgress(Callback):
+    """Progress of a :class:`CounterfactualTask` run (process 0's share): pairs, validity, pairs per second, ETA.
+
+    With Lightning's progress bar on a terminal the numbers go into the bar; without a terminal or with
+    ``CI=true`` one log line every ``every_n_batches`` batches. Nothing when the progress bar is disabled.
+
+    Args:
+        every_n_batches: batches between log lines.
+    """
+
+    def __init__(self, every_n_batches: int = 10):
+        if every_n_batches < 1:
+            raise ValueError(f"every_n_batches must be >= 1, got {every_n_batches}")
+        self.every_n_batches = every_n_batches
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: D102
+        self._show(trainer, pl_module, trainer.num_test_batches[dataloader_idx], batch_idx, "test")
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: D102
+        self._show(trainer, pl_module, trainer.num_predict_batches[dataloader_idx], batch_idx, "predict")
+
+    def _show(self, trainer, task: CounterfactualTask, total_batches: float, batch_idx: int, stage: str) -> None:
+        bar = trainer.progress_bar_callback
+        if bar is None or not trainer.is_global_zero:
+            return
+        line = progress_line(task._progress, batch_idx + 1, total_batches, time.perf_counter())
+        interactive = sys.stderr.isatty() and os.environ.get("CI", "").lower() != "true"
+        tqdm_bar = getattr(bar, f"{stage}_progress_bar", None) if isinstance(bar, TQDMProgressBar) else None
+        if interactive and tqdm_bar is not None:
+            tqdm_bar.set_postfix(line, refresh=False)
+        elif (batch_idx + 1) % self.every_n_batches == 0 or batch_idx + 1 == total_batches:
+            rank_zero_info("counterfactuals: " + ", ".join(f"{key} {value}" for key, value in line.items()))

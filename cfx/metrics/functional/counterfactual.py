@@ -114,6 +114,44 @@ def feature_nll(features: Tensor, targets: Tensor, gaussians: ClassGaussians) ->
     return -log_prob.gather(1, targets.long()[:, None]).squeeze(1)
 
 
+ORACLE_KEYS = ("oracle_target_probability", "oracle_valid", "oracle_original_probability")
+"""The record entries an independent oracle classifier measures (:func:`oracle_measures`)."""
+
+
+def oracle_measures(probabilities: Tensor, targets: Tensor, classes: Tensor) -> dict[str, Tensor]:
+    """What an independent classifier (the oracle) says about each counterfactual.
+
+    A counterfactual that only fools the explained classifier is an adversarial example: an oracle trained
+    separately (another architecture and seed) that also predicts the target says the change carries over.
+
+    Args:
+        probabilities: ``(N, K)`` the oracle's class probabilities at the counterfactuals.
+        targets: ``(N,)`` target classes.
+        classes: ``(N,)`` each query's original class (the class it is explained from).
+
+    Returns:
+        :data:`ORACLE_KEYS`: ``oracle_target_probability`` and ``oracle_original_probability`` (float64, the
+        oracle's probability of the target and of the original class) and ``oracle_valid`` (bool, the oracle's
+        prediction is the target), each ``(N,)``.
+    """
+    if probabilities.ndim != 2 or not probabilities.is_floating_point():
+        raise ValueError(
+            f"expected (N, K) floating-point probabilities, got {probabilities.dtype} {tuple(probabilities.shape)}"
+        )
+    size, num_classes = probabilities.shape
+    for name, value in (("targets", targets), ("classes", classes)):
+        if value.shape != (size,) or value.is_floating_point():
+            raise ValueError(f"expected {size} integer {name}, got {value.dtype} {tuple(value.shape)}")
+        if ((value < 0) | (value >= num_classes)).any():
+            raise ValueError(f"{name} must be classes 0..{num_classes - 1} of the oracle, got {value.tolist()}")
+    probabilities = probabilities.detach().to(torch.float64)
+    return {
+        "oracle_target_probability": probabilities.gather(1, targets.long()[:, None]).squeeze(1),
+        "oracle_valid": probabilities.argmax(dim=1) == targets,
+        "oracle_original_probability": probabilities.gather(1, classes.long()[:, None]).squeeze(1),
+    }
+
+
 @dataclass(frozen=True)
 class PairInputs:
     """What the measured entries of a batch's record are computed from.
@@ -215,6 +253,7 @@ PAIR_SCHEMA: dict[str, PairField] = {
     "target_probability": PairField(
         torch.float64, "softmax probability of the target at the counterfactual", success_mean="target_confidence"
     ),
+    "counterfactual_prediction": PairField(torch.int64, "the classifier's predicted class at the counterfactual"),
     "iterations": PairField(
         torch.int64, "optimisation steps the pair took", success_mean="iterations", success_median="iterations_median"
     ),
@@ -222,6 +261,29 @@ PAIR_SCHEMA: dict[str, PairField] = {
         torch.float64,
         "feature NLL under the target's class Gaussian (feature_nll: realism)",
         success_mean="nll",
+        optional=True,
+    ),
+    # an independent oracle classifier (oracle_measures): does the counterfactual convince it too, or is it
+    # adversarial to the explained classifier only? oracle_validity (the headline, DISC's question) is the
+    # transfer rate over the successful pairs; oracle_validity_all_pairs counts every pair's counterfactual
+    # (a failed search's last iterate too)
+    "oracle_target_probability": PairField(
+        torch.float64,
+        "the oracle's softmax probability of the target at the counterfactual",
+        success_mean="oracle_target_confidence",
+        optional=True,
+    ),
+    "oracle_valid": PairField(
+        torch.bool,
+        "the oracle's prediction at the counterfactual is the target",
+        success_mean="oracle_validity",
+        pair_mean="oracle_validity_all_pairs",
+        optional=True,
+    ),
+    "oracle_original_probability": PairField(
+        torch.float64,
+        "the oracle's softmax probability of the query's original class at the counterfactual",
+        success_mean="oracle_original_confidence",
         optional=True,
     ),
 }
@@ -251,7 +313,8 @@ def measure_pairs(inputs: PairInputs, given: Mapping[str, Tensor]) -> dict[str, 
     Args:
         inputs: the batch's images, time and measuring options.
         given: the entries without a ``measure`` (``index``, ``target``, ``label``, ``original_prediction``,
-            ``success``, ``target_probability``, ``iterations``; ``nll`` optionally), each ``(N,)``.
+            ``success``, ``target_probability``, ``iterations``; ``nll`` and the :data:`ORACLE_KEYS`
+            optionally), each ``(N,)``.
 
     Returns:
         The record in schema order, each entry detached and cast to its schema dtype (on the images' device).
@@ -331,10 +394,11 @@ def _counterfactual_compute(record: Mapping[str, Tensor], selection: Tensor | No
     """Summary of the record's pairs (all, or those where ``selection`` is true), as :data:`PAIR_SCHEMA` says.
 
     ``pairs``, then each entry's ``pair_mean`` (and ``pair_mean_complement``) over the selected pairs
-    (``validity``, ``failure_rate``, ``seconds_per_counterfactual``), then each recorded entry's
-    ``success_mean`` / ``success_median`` over the selected *successful* pairs (``l0``, ``l1``, ``mse``,
-    ``concentration``, ``target_confidence``, ``iterations``, ``iterations_median``, ``nll``); NaN where
-    there is nothing to average.
+    (``validity``, ``failure_rate``, ``seconds_per_counterfactual``; with an oracle ``oracle_validity_all_pairs``),
+    then each recorded entry's ``success_mean`` / ``success_median`` over the selected *successful* pairs
+    (``l0``, ``l1``, ``mse``, ``concentration``, ``target_confidence``, ``iterations``, ``iterations_median``,
+    ``nll``; with an oracle ``oracle_target_confidence``, ``oracle_validity`` — the transfer rate — and
+    ``oracle_original_confidence``); NaN where there is nothing to average.
 
     Returns:
         A dict of float64 scalars.
