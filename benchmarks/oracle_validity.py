@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 import torch
+from deduce_table1 import trained_classifier  # benchmarks/ is this script's folder
 
 from cfx.cli import main
 from cfx.data import EmbeddedMNIST
@@ -43,22 +44,6 @@ COLUMNS = (
     "oracle_target_confidence",
     "oracle_original_confidence",
 )
-
-
-def trained(config: Path, checkpoint_dir: Path, *overrides: str) -> Path:
-    """Train (or resume, or load when finished) ``config`` into ``checkpoint_dir``; its ``last.ckpt``."""
-    main(
-        [
-            "fit",
-            "-c",
-            str(config),
-            f"--checkpoint.dirpath={checkpoint_dir}",
-            "--ckpt_path=last",
-            "--trainer.enable_progress_bar=false",
-            *overrides,
-        ]
-    )
-    return checkpoint_dir / "last.ckpt"
 
 
 def accuracy(checkpoint: Path, classes: list[int] | None = None) -> float:
@@ -94,12 +79,14 @@ def explained(config: str, classifier: Path, oracle: Path, output: Path, queries
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     root = args.checkpoint_root
-    oracle = trained(ORACLE_CONFIG, root / "oracle_embedded_mnist")
+    oracle = trained_classifier(ORACLE_CONFIG, root / "oracle_embedded_mnist", [])
     report: dict[str, dict[str, float]] = {}
     accuracies = {"oracle (10 classes)": accuracy(oracle)}
     for method in args.methods:
         config, classifier_config = MULTICLASS[method]
-        classifier = trained(REPO / "configs" / f"{classifier_config}.yaml", root / Path(classifier_config).name)
+        classifier = trained_classifier(
+            REPO / "configs" / f"{classifier_config}.yaml", root / Path(classifier_config).name, []
+        )
         extra = []
         if method == "DeDUCE":
             gaussians = classifier.parent / "class_gaussians.pt"
@@ -109,12 +96,12 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         report[method] = explained(config, classifier, oracle, args.output, args.queries, *extra)
     if args.disc:
         binary = ["--data.init_args.classes=[4,9]"]
-        binary_oracle = trained(ORACLE_CONFIG, root / "oracle_embedded_mnist_binary", *binary)
+        binary_oracle = trained_classifier(ORACLE_CONFIG, root / "oracle_embedded_mnist_binary", list(binary))
         accuracies["oracle (4 vs 9)"] = accuracy(binary_oracle, [4, 9])
     for variant in args.disc:
         auxiliary = "duq" if variant.endswith("duq") else "dep"
-        classifier = trained(
-            REPO / "configs" / auxiliary / "embedded_mnist_binary.yaml", root / f"{auxiliary}_embedded_mnist_binary"
+        classifier = trained_classifier(
+            REPO / "configs" / auxiliary / "embedded_mnist_binary.yaml", root / f"{auxiliary}_embedded_mnist_binary", []
         )
         config = f"embedded_mnist_binary_{variant}"
         report[f"DISC {variant}"] = explained(config, classifier, binary_oracle, args.output, args.queries)
