@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from cfx.results import StoreWriter, merge_stores, open_results
 from cfx.tasks import CounterfactualTask
 from cfx.tasks.counterfactual import progress_line
 from tests import test_counterfactual_task
+from tests.processes import kill_when
 from tests.test_counterfactual_task import PatchExplainer, _config, _synthetic
 from tests.trainers import quiet_trainer
 
@@ -54,16 +54,7 @@ def _run_cli(config: Path, cwd: Path, kill_after_first_batch: bool = False) -> N
         assert result.returncode == 0, result.stderr[-4000:]
         return
     store = config.parent / "out" / "results.h5"
-    process = subprocess.Popen(command, cwd=cwd, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        while _committed_rows(store) == 0:
-            assert process.poll() is None, "the run ended before storing a batch"
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-    assert process.returncode == -signal.SIGKILL
+    kill_when(command, cwd, environment, lambda: _committed_rows(store) > 0)
 
 
 def _assert_same_store(expected_folder: Path, actual_folder: Path) -> None:

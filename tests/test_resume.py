@@ -9,14 +9,14 @@ states, random generator states) must be equal.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.processes import kill_when
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 3
@@ -65,18 +65,7 @@ def _run(command: list[str], cache_dir: Path) -> None:
 def _kill_after_first_checkpoint(command: list[str], dirpath: Path, cache_dir: Path) -> int:
     """Start the fit, SIGKILL it as soon as ``last.ckpt`` exists (written atomically), return that epoch."""
     checkpoint = dirpath / "last.ckpt"
-    process = subprocess.Popen(
-        command, cwd=REPO, env=_environment(cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        while not checkpoint.exists():
-            assert process.poll() is None, "the fit ended before writing a checkpoint"
-            time.sleep(0.005)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-    assert process.returncode == -signal.SIGKILL
+    kill_when(command, REPO, _environment(cache_dir), checkpoint.exists)
     return torch.load(checkpoint, map_location="cpu", weights_only=False)["epoch"]
 
 
