@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +107,17 @@ def isic_root(tmp_path: Path) -> Path:
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep EmbeddedMNIST's .npz cache in one session-wide temporary folder."""
     monkeypatch.setenv("CFX_CACHE", str(tmp_path_factory.getbasetemp() / "cfx_cache"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_rendezvous_port() -> Iterator[None]:
+    """Let every test's DDP run pick its own free port.
+
+    Lightning's ``ddp_spawn`` launcher writes ``MASTER_PORT`` into this process's environment and every later run
+    reuses it; a run could then meet a leftover process of an earlier test on that port.
+    """
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)
+    yield
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)

@@ -22,7 +22,7 @@ from cfx.tasks import CounterfactualTask
 from cfx.tasks.counterfactual import progress_line
 from tests import test_counterfactual_task
 from tests.processes import kill_when
-from tests.test_counterfactual_task import PatchExplainer, _config, _synthetic
+from tests.test_counterfactual_task import NUM_CLASSES, PatchExplainer, _config, _synthetic
 from tests.trainers import quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,15 +46,18 @@ def _committed_rows(path: Path) -> int:
         return 0
 
 
-def _run_cli(config: Path, cwd: Path, kill_after_first_batch: bool = False) -> None:
+def _run_cli(config: Path, cwd: Path, kill_after_first_batch: bool = False, devices: int = 1) -> None:
     command = [sys.executable, "-m", "cfx", "test", "-c", str(config)]
+    if devices > 1:
+        command += ["-c", str(REPO / "configs" / "trainer" / "ddp_cpu.yaml"), f"--trainer.devices={devices}"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     if not kill_after_first_batch:
         result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-4000:]
         return
-    store = config.parent / "out" / "results.h5"
-    kill_when(command, cwd, environment, lambda: _committed_rows(store) > 0)
+    out = config.parent / "out"
+    shards = [out / "results.h5", *(out / f"results.rank{rank}.h5" for rank in range(1, devices))]
+    kill_when(command, cwd, environment, lambda: any(_committed_rows(shard) > 0 for shard in shards))
 
 
 def _assert_same_store(expected_folder: Path, actual_folder: Path) -> None:
@@ -98,6 +101,26 @@ def test_a_killed_cli_run_resumes_to_the_uninterrupted_result(classifier_checkpo
     for index, target, seconds in zip(*(first_stored[k].tolist() for k in ("index", "target", "seconds")), strict=True):
         assert stored_again[(index, target)] == seconds  # kept, not recomputed
     _assert_same_store(runs["straight"].parent / "out", runs["killed"].parent / "out")
+
+
+@pytest.mark.ddp
+def test_a_killed_two_process_cli_run_resumes_to_the_one_process_result(classifier_checkpoint, tmp_path):
+    """Both ranks SIGKILLed after the first committed batch of either; the same command again finishes the run."""
+    runs = {}
+    for name in ("one", "killed"):
+        runs[name] = tmp_path / name
+        runs[name].mkdir()
+        explainer = {"class_path": "tests.test_result_store.SlowPatchExplainer"}
+        runs[name] = _config(runs[name], classifier_checkpoint, max_queries=24, explainer=explainer)
+    _run_cli(runs["one"], tmp_path)
+    _run_cli(runs["killed"], tmp_path, kill_after_first_batch=True, devices=2)
+    out = runs["killed"].parent / "out"
+    left = sorted(path.name for path in out.iterdir() if path.suffix == ".h5")
+    assert left and set(left) <= {"results.h5", "results.rank1.h5"}  # the ranks' shards, none of them finished
+    assert 0 < sum(_committed_rows(out / name) for name in left) < 24 * (NUM_CLASSES - 1)
+    _run_cli(runs["killed"], tmp_path, devices=2)
+    assert sorted(path.name for path in out.iterdir()) == ["grid.png", "metrics.json", "results.h5"]
+    _assert_same_store(runs["one"].parent / "out", out)
 
 
 def _ddp_task(checkpoint: Path, folder: Path, **kwargs) -> CounterfactualTask:
