@@ -8,6 +8,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
 from cfx.counterfactual import Explainer
+from cfx.counterfactual.vlk import ClassEncodings
 from cfx.data import EmbeddedMNIST
 from cfx.nn import ClassGaussians, FeatureClassifier
 
@@ -170,3 +171,107 @@ def assert_batch_invariant(
         torch.testing.assert_close(batched, stacked, atol=atol, rtol=0, msg=name)
     for name in ("success", "original_prediction", "iterations"):
         assert torch.equal(getattr(batch, name), torch.cat([getattr(single, name) for single in singles])), name
+
+
+class SigmoidVAE(nn.Module):
+    """``encode(x) = (E logit(x), 0)`` (pixels clamped to [1e-3, 1 - 1e-3]), ``decode(z) = sigmoid(D z + d)``.
+
+    A stand-in for :class:`cfx.nn.generative.ConvVAE` at any image size (that one is built for 28, 32 or 64 px):
+    the same methods and attributes, gradients in closed form, and with ``E = D = I``, ``d = 0`` a VAE whose
+    reconstructions are the images (to 1e-3).
+    """
+
+    def __init__(self, encoder_weight: Tensor, decoder_weight: Tensor, decoder_bias: Tensor, channels: int, size: int):
+        super().__init__()
+        self.in_channels, self.image_size, self.latent_dim = channels, size, encoder_weight.shape[0]
+        self.encoder = nn.Linear(encoder_weight.shape[1], self.latent_dim, bias=False)
+        self.decoder = nn.Linear(self.latent_dim, decoder_weight.shape[0])
+        with torch.no_grad():
+            self.encoder.weight.copy_(encoder_weight)
+            self.decoder.weight.copy_(decoder_weight)
+            self.decoder.bias.copy_(decoder_bias)
+
+    def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        mean = self.encoder(torch.logit(images.flatten(1).clamp(1e-3, 1 - 1e-3)))
+        return mean, torch.zeros_like(mean)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        shape = (len(latents), self.in_channels, self.image_size, self.image_size)
+        return torch.sigmoid(self.decoder(latents)).view(shape)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mean, log_variance = self.encode(images)
+        return self.decode(mean), mean, log_variance
+
+
+def identity_vae(channels: int = 1, size: int = 8) -> SigmoidVAE:
+    """A :class:`SigmoidVAE` with one latent per pixel whose reconstructions are the images (to 1e-3)."""
+    pixels = channels * size * size
+    return SigmoidVAE(torch.eye(pixels), torch.eye(pixels), torch.zeros(pixels), channels, size).eval()
+
+
+def random_vae(seed: int = 0, channels: int = 1, size: int = 4, latent_dim: int = 5) -> SigmoidVAE:
+    """A :class:`SigmoidVAE` with seeded random weights."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = channels * size * size
+    return SigmoidVAE(
+        torch.randn(latent_dim, pixels, generator=generator) / pixels**0.5,
+        torch.randn(pixels, latent_dim, generator=generator),
+        torch.randn(pixels, generator=generator) * 0.5,
+        channels,
+        size,
+    ).eval()
+
+
+class LinearAutoencoder(nn.Module):
+    """``encode(x) = E flatten(x) + e``, ``decode(c) = D c + d``: a stand-in for
+    :class:`cfx.nn.generative.ConvAutoencoder` at any image size, with VLK's terms in closed form."""
+
+    def __init__(
+        self,
+        encoder_weight: Tensor,
+        encoder_bias: Tensor,
+        decoder_weight: Tensor,
+        decoder_bias: Tensor,
+        channels: int,
+        size: int,
+    ):
+        super().__init__()
+        self.in_channels, self.image_size, self.latent_dim = channels, size, encoder_weight.shape[0]
+        self.encoder = nn.Linear(encoder_weight.shape[1], self.latent_dim)
+        self.decoder = nn.Linear(self.latent_dim, decoder_weight.shape[0])
+        with torch.no_grad():
+            self.encoder.weight.copy_(encoder_weight)
+            self.encoder.bias.copy_(encoder_bias)
+            self.decoder.weight.copy_(decoder_weight)
+            self.decoder.bias.copy_(decoder_bias)
+
+    def encode(self, images: Tensor) -> Tensor:
+        return self.encoder(images.flatten(1))
+
+    def decode(self, codes: Tensor) -> Tensor:
+        return self.decoder(codes).view(len(codes), self.in_channels, self.image_size, self.image_size)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.decode(self.encode(images))
+
+
+def linear_autoencoder(seed: int = 0, channels: int = 1, size: int = 8, latent_dim: int = 4) -> LinearAutoencoder:
+    """A :class:`LinearAutoencoder` with seeded random weights (reconstructions near mid-grey, not the images)."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = channels * size * size
+    return LinearAutoencoder(
+        torch.randn(latent_dim, pixels, generator=generator) / pixels**0.5,
+        torch.randn(latent_dim, generator=generator) * 0.1,
+        torch.randn(pixels, latent_dim, generator=generator) * 0.1,
+        0.5 + torch.randn(pixels, generator=generator) * 0.1,
+        channels,
+        size,
+    ).eval()
+
+
+def random_class_encodings(num_classes: int, latent_dim: int, per_class: int = 4, seed: int = 0) -> ClassEncodings:
+    """``per_class`` random encodings for each class."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_classes * per_class) % num_classes
+    return ClassEncodings(torch.randn(len(labels), latent_dim, generator=generator), labels, num_classes)

@@ -135,8 +135,10 @@ def test_bad_inputs_are_clear_errors():
         measure_pairs(inputs, {**_given(pairs, slice(None), nll=False), "l1": torch.zeros(4)})
     with pytest.raises(ValueError, match="realism=False"):
         CounterfactualMetrics().update(measure_pairs(inputs, _given(pairs, slice(None), nll=True)))
-    with pytest.raises(ValueError, match="nll is required"):
+    with pytest.raises(ValueError, match=r"\['nll'\] are required when the metric was built with realism=True"):
         CounterfactualMetrics(realism=True).update(measure_pairs(inputs, _given(pairs, slice(None), nll=False)))
+    with pytest.raises(ValueError, match=r"\['anogan', 'query_anogan'\] are required .* anogan=True, got \[\]"):
+        CounterfactualMetrics(anogan=True).update(measure_pairs(inputs, _given(pairs, slice(None), nll=False)))
     with pytest.raises(ValueError, match="seconds must be finite"):
         PairInputs(pairs["originals"], pairs["counterfactuals"], seconds=-1.0)
     with pytest.raises(ValueError, match="l0_tolerance must be >= 0"):
@@ -314,3 +316,21 @@ def test_two_process_metrics_equal_one_process():
                 assert torch.equal(summary[key], value), key  # exact: the record is sorted before reducing
             for key, value in expected_record.items():
                 assert torch.equal(record[key], value), key
+
+
+def test_anogan_scores_are_averaged_over_the_successful_pairs_in_two_batches():
+    pairs = _pairs(seed=3)
+    generator = torch.Generator().manual_seed(9)
+    scores = {key: torch.rand(12, generator=generator, dtype=torch.float64) * 30 for key in ("anogan", "query_anogan")}
+    metric = CounterfactualMetrics(anogan=True)
+    for rows in (slice(0, 5), slice(5, 12)):
+        inputs = PairInputs(pairs["originals"][rows], pairs["counterfactuals"][rows], seconds=1.0)
+        given = {**_given(pairs, rows, nll=False), **{key: value[rows] for key, value in scores.items()}}
+        metric.update(measure_pairs(inputs, given))
+    summary = metric.compute()
+    success = pairs["success"].tolist()
+    for key, values in scores.items():
+        expected = sum(v for v, s in zip(values.tolist(), success, strict=True) if s) / sum(success)
+        assert summary[key].item() == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="built with anogan=False"):
+        CounterfactualMetrics().update(measure_pairs(inputs, given))

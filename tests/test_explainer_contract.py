@@ -16,16 +16,25 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from cfx.counterfactual import DISC, JSMA, DeDUCE, Explainer, Wachter
+from cfx.counterfactual import DISC, JSMA, REVISE, VLK, DeDUCE, Explainer, Wachter
 from cfx.nn import FeatureClassifier
-from tests.explainer_helpers import assert_batch_invariant, queries, random_gaussians, tiny_cnn
+from tests.explainer_helpers import (
+    assert_batch_invariant,
+    identity_vae,
+    linear_autoencoder,
+    queries,
+    random_class_encodings,
+    random_gaussians,
+    tiny_cnn,
+)
 
 Factory = Callable[..., Explainer]
 
 # name -> (factory(classifier, **shared settings), batch-invariance tolerance on the images). The pixel-step methods
 # are bit-exact; Wachter's and DISC's iterates carry the classifier's batch-size-dependent matmul rounding through
 # their optimisers (measured batch-vs-single spread on these settings: Wachter 1.8e-7, DISC pixel 1.5e-6, DISC INR
-# 1.4e-4 -- SIREN amplifies rounding; its larger learning rates diverge by 1e-2 and more).
+# 1.4e-4 -- SIREN amplifies rounding; its larger learning rates diverge by 1e-2 and more; REVISE through the stand-in
+# VAE's logits at step 10: 7.4e-5; VLK 4.8e-7).
 FACTORIES: dict[str, tuple[Factory, float]] = {
     "deduce": (lambda c, **kw: DeDUCE(c, random_gaussians(c.num_classes, c.feature_dim), **kw), 0.0),
     "jsma": (lambda c, **kw: JSMA(c, **kw), 0.0),
@@ -48,6 +57,23 @@ FACTORIES: dict[str, tuple[Factory, float]] = {
             **kw,
         ),
         1e-3,
+    ),
+    "revise": (lambda c, **kw: REVISE(c, identity_vae(), learning_rate=10.0, **kw), 5e-4),
+    "vlk": (
+        lambda c, **kw: VLK(
+            c,
+            linear_autoencoder(),
+            random_class_encodings(3, 4),
+            k=2,
+            beta=0.01,
+            gamma=1.0,
+            theta=1.0,
+            c_init=10.0,
+            c_steps=1,
+            learning_rate=0.05,
+            **kw,
+        ),
+        1e-5,
     ),
 }
 METHODS = sorted(FACTORIES)
@@ -229,6 +255,10 @@ def test_params_describe_every_init_argument() -> None:
             "confidence": 0.5,
             "max_iterations": 700,
             "path_every": None,
+            "fold_batch_norm": False,
+            "channels_last": False,
+            "compile": False,
+            "bfloat16": False,
         },
     }
     disc = DISC(classifier, prior="pixel", prior_options={"tv_weight": 0.5})

@@ -14,10 +14,16 @@ from cfx.cli import main as cfx_main
 from cfx.data.hdf5 import pack_main
 from cfx.results.report import main as report_main
 from cfx.tasks.ddu import gaussians_main
+from cfx.tasks.prototypes import prototypes_main
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
-ENTRY_POINTS = {"cfx-pack": pack_main, "cfx-gaussians": gaussians_main, "cfx-report": report_main}
+ENTRY_POINTS = {
+    "cfx-pack": pack_main,
+    "cfx-gaussians": gaussians_main,
+    "cfx-prototypes": prototypes_main,
+    "cfx-report": report_main,
+}
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 

@@ -35,6 +35,11 @@ class DeDUCE(PixelStepExplainer):
         confidence: target probability at which a query succeeds.
         max_iterations: steps after which a query fails.
         path_every: record the iterates every this many steps in the result's ``path``.
+        fold_batch_norm: search on a copy of the classifier with eval-mode batch norms folded into the
+            convolutions (and soft spectral norm baked in): the same function up to rounding, faster.
+        channels_last: channels-last copy and inputs (mainly for GPUs).
+        compile: ``torch.compile`` the copy (dynamic shapes; pays a compilation on the first call).
+        bfloat16: the copy under bfloat16 autocast (GPUs; counterfactuals change).
 
     Raises:
         ValueError: the Gaussians do not match the classifier's classes and feature size, or a setting is invalid.
@@ -51,8 +56,23 @@ class DeDUCE(PixelStepExplainer):
         confidence: float = 0.5,
         max_iterations: int = 700,
         path_every: int | None = None,
+        fold_batch_norm: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
+        bfloat16: bool = False,
     ):
-        super().__init__(classifier, pixels_per_step, step_size, confidence, max_iterations, path_every)
+        super().__init__(
+            classifier,
+            pixels_per_step,
+            step_size,
+            confidence,
+            max_iterations,
+            path_every,
+            fold_batch_norm=fold_batch_norm,
+            channels_last=channels_last,
+            compile=compile,
+            bfloat16=bfloat16,
+        )
         if not isinstance(gaussians, ClassGaussians):
             gaussians = ClassGaussians.load(gaussians)
         if (gaussians.feature_dim, gaussians.num_classes) != (classifier.feature_dim, classifier.num_classes):
@@ -75,8 +95,8 @@ class DeDUCE(PixelStepExplainer):
 
     def objective(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """``(logits, CE / detached CE - log p_t(z) / |detached log p_t(z)|)`` per sample."""
-        features = self.classifier.forward_features(images)[0]
-        logits = self.classifier.classify(features)
+        features = self.search_network.forward_features(images)[0]
+        logits = self.search_network.classify(features)
         cross_entropy = F.cross_entropy(logits, targets, reduction="none")
         log_density = self.gaussians.log_prob(features).gather(1, targets[:, None]).squeeze(1)
         tiny = torch.finfo(cross_entropy.dtype).tiny

@@ -39,6 +39,8 @@ class PixelStepExplainer(SearchExplainer):
         confidence: target probability at which a query succeeds.
         max_iterations: steps after which a query fails.
         path_every: record the iterates every this many steps in ``CounterfactualResult.path`` (``None``: no path).
+        acceleration: the fast-path options of :class:`~cfx.counterfactual.search.SearchExplainer`
+            (``fold_batch_norm``, ``channels_last``, ``compile``, ``bfloat16``).
     """
 
     def __init__(
@@ -49,8 +51,9 @@ class PixelStepExplainer(SearchExplainer):
         confidence: float,
         max_iterations: int,
         path_every: int | None,
+        **acceleration: bool,
     ):
-        super().__init__(classifier, confidence, max_iterations, path_every)
+        super().__init__(classifier, confidence, max_iterations, path_every, **acceleration)
         if pixels_per_step < 1:
             raise ValueError(f"pixels_per_step must be >= 1, got {pixels_per_step}")
         if step_size <= 0:
@@ -88,7 +91,7 @@ class PixelStepExplainer(SearchExplainer):
 
     def evaluate(self, search: ActiveSearch, iteration: int, last: bool) -> Evaluation:
         """The iterates, their logits and the :meth:`objective` loss with respect to the iterates."""
-        leaf = search.state["iterates"].detach().requires_grad_(not last)
+        leaf = self.search_input(search.state["iterates"]).detach().requires_grad_(not last)
         logits, loss = self.objective(leaf, search.targets)
         return Evaluation(search.state["iterates"], logits, loss, (leaf,))
 

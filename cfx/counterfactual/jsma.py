@@ -29,6 +29,11 @@ class JSMA(PixelStepExplainer):
         confidence: target probability at which a query succeeds.
         max_iterations: steps after which a query fails.
         path_every: record the iterates every this many steps in the result's ``path``.
+        fold_batch_norm: search on a copy of the classifier with eval-mode batch norms folded into the
+            convolutions (and soft spectral norm baked in): the same function up to rounding, faster.
+        channels_last: channels-last copy and inputs (mainly for GPUs).
+        compile: ``torch.compile`` the copy (dynamic shapes; pays a compilation on the first call).
+        bfloat16: the copy under bfloat16 autocast (GPUs; counterfactuals change).
     """
 
     def __init__(
@@ -39,12 +44,27 @@ class JSMA(PixelStepExplainer):
         confidence: float = 0.5,
         max_iterations: int = 700,
         path_every: int | None = None,
+        fold_batch_norm: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
+        bfloat16: bool = False,
     ):
-        super().__init__(classifier, pixels_per_step, step_size, confidence, max_iterations, path_every)
+        super().__init__(
+            classifier,
+            pixels_per_step,
+            step_size,
+            confidence,
+            max_iterations,
+            path_every,
+            fold_batch_norm=fold_batch_norm,
+            channels_last=channels_last,
+            compile=compile,
+            bfloat16=bfloat16,
+        )
 
     def objective(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """``(logits, CE(f(x'), t))`` per sample."""
-        logits = self.classifier(images)
+        logits = self.search_network(images)
         return logits, F.cross_entropy(logits, targets, reduction="none")
 
     def initial_state(self, pixels: Tensor) -> dict[str, Tensor]:

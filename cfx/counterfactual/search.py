@@ -14,15 +14,18 @@ their logits and the loss to decrease) and :meth:`~SearchExplainer.step` (the up
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from cfx.counterfactual.base import CounterfactualResult, Explainer
 from cfx.nn.classifier import FeatureClassifier
 from cfx.nn.evaluation import evaluation_mode
+from cfx.nn.folding import inference_copy
 
 
 def target_reached(logits: Tensor, targets: Tensor, confidence: float) -> tuple[Tensor, Tensor]:
@@ -71,6 +74,55 @@ def narrow_optimizer_state(optimizer: torch.optim.Optimizer, keep: Tensor) -> No
         for name, value in state.items():
             if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == keep.shape[0]:
                 state[name] = value[keep.to(value.device)]
+
+
+def _in_bfloat16(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` run under bfloat16 autocast, its floating-point outputs returned as float32."""
+
+    def run(images: Tensor) -> Any:
+        with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16):
+            outputs = method(images)
+        return tree_map(lambda value: value.float() if isinstance(value, Tensor) else value, outputs)
+
+    return run
+
+
+def search_classifier(
+    classifier: FeatureClassifier,
+    fold_batch_norm: bool = False,
+    channels_last: bool = False,
+    compile: bool = False,
+    bfloat16: bool = False,
+) -> FeatureClassifier:
+    """The network a search evaluates: ``classifier`` itself, or a faster frozen copy of it.
+
+    Any option makes a copy (:func:`~cfx.nn.folding.inference_copy`: parametrisations such as soft spectral norm
+    baked in as constants); the user's module is never changed.
+
+    Args:
+        classifier: the model to explain.
+        fold_batch_norm: fold eval-mode batch norms into the convolutions before them (fewer passes over
+            memory; rounding changes at the 1e-6 level).
+        channels_last: store the copy's 4-D weights channels-last (helps GPUs with tensor cores and oneDNN on
+            some CPUs; changes the order of floating-point sums).
+        compile: ``torch.compile`` the copy's ``forward`` and ``forward_features`` with dynamic shapes, so that
+            the shrinking active set does not recompile (the first calls pay the compilation).
+        bfloat16: run the copy's convolutions and matrix products under bfloat16 autocast (for GPUs and CPUs
+            with bfloat16 units; about 3 significant digits, so counterfactuals change), outputs in float32 --
+            anything downstream (DeDUCE's Gaussians, the losses) stays float32.
+    """
+    if not (fold_batch_norm or channels_last or compile or bfloat16):
+        return classifier
+    network = inference_copy(classifier, fold_batch_norm=fold_batch_norm)
+    if channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    if compile:
+        network.forward = torch.compile(network.forward, dynamic=True)
+        network.forward_features = torch.compile(network.forward_features, dynamic=True)
+    if bfloat16:
+        network.forward = _in_bfloat16(network.forward)
+        network.forward_features = _in_bfloat16(network.forward_features)
+    return network
 
 
 class PathRecorder:
@@ -273,18 +325,37 @@ class SearchExplainer(Explainer):
         max_iterations: steps after which a query fails (>= 0).
         path_every: record the iterates every this many steps in ``CounterfactualResult.path`` (``None``: no
             path).
+        fold_batch_norm, channels_last, compile, bfloat16: evaluate a faster copy of the classifier
+            (:func:`search_classifier`, :attr:`search_network`); a method's :meth:`evaluate` uses it.
     """
 
-    def __init__(self, classifier: FeatureClassifier, confidence: float, max_iterations: int, path_every: int | None):
+    def __init__(
+        self,
+        classifier: FeatureClassifier,
+        confidence: float,
+        max_iterations: int,
+        path_every: int | None,
+        *,
+        fold_batch_norm: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
+        bfloat16: bool = False,
+    ):
         super().__init__(classifier)
         check_search_settings(confidence, max_iterations, path_every)
         self.confidence = confidence
         self.max_iterations = max_iterations
         self.path_every = path_every
+        self.channels_last = channels_last
+        self.search_network = search_classifier(classifier, fold_batch_norm, channels_last, compile, bfloat16)
 
     def auxiliary_modules(self) -> list[nn.Module]:
         """Modules besides the classifier that the search evaluates (kept in eval mode, moved to the queries)."""
         return []
+
+    def search_input(self, images: Tensor) -> Tensor:
+        """``images`` in the memory layout :attr:`search_network` expects (channels-last if so configured)."""
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     @abc.abstractmethod
     def start(self, search: ActiveSearch, queries: Tensor, indices: Tensor) -> None:
@@ -331,13 +402,15 @@ class SearchExplainer(Explainer):
         """
         images, targets, indices = self.check_query(images, targets, indices)
         auxiliary = [module.to(images.device) for module in self.auxiliary_modules()]
+        if self.search_network is not self.classifier:
+            self.search_network.to(images.device)  # the search's own frozen copy
         with evaluation_mode(self.classifier, *auxiliary):
             return self._search(images.detach(), targets, indices)
 
     def _search(self, queries: Tensor, targets: Tensor, indices: Tensor) -> CounterfactualResult:
         with torch.no_grad():
             if len(queries) > 0:
-                logits = self.classifier(queries)
+                logits = self.search_network(self.search_input(queries))
             else:
                 logits = queries.new_zeros(0, self.classifier.num_classes)
         search = ActiveSearch(queries, targets, logits, self.confidence, self.path_every, self.max_iterations)

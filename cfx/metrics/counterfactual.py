@@ -7,6 +7,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from cfx.metrics.functional.anogan import ANOGAN_KEYS
 from cfx.metrics.functional.counterfactual import (
     ORACLE_KEYS,
     PAIR_SCHEMA,
@@ -28,23 +29,28 @@ class CounterfactualMetrics(Metric):
     ``seconds_per_counterfactual`` over all pairs, and the means ``l0``, ``l1``, ``mse``, ``concentration``,
     ``target_confidence``, ``iterations`` (plus ``iterations_median``) and ``nll`` over the *successful* pairs;
     with an oracle ``oracle_validity`` (the transfer rate), ``oracle_target_confidence`` and
-    ``oracle_original_confidence`` over the successful pairs and ``oracle_validity_all_pairs`` over all pairs.
+    ``oracle_original_confidence`` over the successful pairs and ``oracle_validity_all_pairs`` over all pairs;
+    with AnoGAN scores ``anogan`` (of the counterfactual) and ``query_anogan`` over the successful pairs.
     :meth:`record` returns the per-pair values, ordered by ``(index, target)``, for :func:`intersection_table`.
 
     Args:
         realism: expect the feature NLL under the class Gaussians in every ``update`` (adds ``nll``).
         oracle: expect an independent oracle's measures (``functional.counterfactual.ORACLE_KEYS``) in every
             ``update``.
+        anogan: expect the AnoGAN realism scores of counterfactual and query
+            (``functional.anogan.ANOGAN_KEYS``) in every ``update``.
         **kwargs: see ``torchmetrics.Metric``.
     """
 
     is_differentiable = False
     full_state_update = False
 
-    def __init__(self, realism: bool = False, oracle: bool = False, **kwargs):
+    def __init__(self, realism: bool = False, oracle: bool = False, anogan: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.realism, self.oracle = realism, oracle
-        self.optional = (*(("nll",) if realism else ()), *(ORACLE_KEYS if oracle else ()))
+        self.realism, self.oracle, self.anogan = realism, oracle, anogan
+        # argument name -> (whether expected, the record entries it adds)
+        self.groups = {"realism": (realism, ("nll",)), "oracle": (oracle, ORACLE_KEYS), "anogan": (anogan, ANOGAN_KEYS)}
+        self.optional = tuple(key for expected, keys in self.groups.values() if expected for key in keys)
         self.keys = record_keys(self.optional)
         for key in self.keys:
             self.add_state(key, default=[], dist_reduce_fx="cat")
@@ -56,23 +62,19 @@ class CounterfactualMetrics(Metric):
         Args:
             record: the batch's record (``functional.counterfactual.measure_pairs``); entries outside the
                 schema (images) are ignored. It holds ``nll`` exactly when the metric was built with ``realism``,
-                the oracle's entries exactly when it was built with ``oracle``.
+                the oracle's entries exactly when built with ``oracle``, the AnoGAN scores exactly when built
+                with ``anogan``.
         """
         check_record(record)
-        if ("nll" in record) != self.realism:
-            raise ValueError(
-                "nll is required when the metric was built with realism=True"
-                if self.realism
-                else "got an nll but the metric was built with realism=False"
-            )
-        present = [key for key in ORACLE_KEYS if key in record]
-        if present != (list(ORACLE_KEYS) if self.oracle else []):
-            raise ValueError(
-                f"the oracle entries {list(ORACLE_KEYS)} are required when the metric was built with oracle=True, "
-                f"got {present}"
-                if self.oracle
-                else f"got oracle entries {present} but the metric was built with oracle=False"
-            )
+        for argument, (expected, keys) in self.groups.items():
+            present = [key for key in keys if key in record]
+            if present != (list(keys) if expected else []):
+                raise ValueError(
+                    f"the entries {list(keys)} are required when the metric was built with {argument}=True, "
+                    f"got {present}"
+                    if expected
+                    else f"got the entries {present} but the metric was built with {argument}=False"
+                )
         for key in self.keys:  # every state float64 (exact for indices < 2**53): one dtype for the gather
             getattr(self, key).append(record[key].detach().to(device=self.device, dtype=torch.float64))
 

@@ -12,6 +12,7 @@ from cfx.nn.duq import (
     kernel_margin_loss,
 )
 from cfx.nn.gaussian import ClassGaussians, class_feature_statistics, fit_class_gaussians
+from cfx.nn.generative import GAN, ConvAutoencoder, ConvVAE, WGANCritic, WGANGenerator
 from cfx.nn.loss_predictor import LossPredictingClassifier, LossPredictor, pairwise_ranking_loss
 from cfx.nn.resnet import ResNet
 from cfx.nn.spectral import SoftSpectralNorm, apply_soft_spectral_norm
@@ -19,10 +20,13 @@ from cfx.nn.timm_model import TimmClassifier
 
 __all__ = [
     "ClassGaussians",
+    "ConvAutoencoder",
+    "ConvVAE",
     "DUQClassifier",
     "DUQFeatureClassifier",
     "DUQHead",
     "FeatureClassifier",
+    "GAN",
     "LossPredictingClassifier",
     "LossPredictor",
     "ModuleClassifier",
@@ -30,6 +34,8 @@ __all__ = [
     "SmallCNN",
     "SoftSpectralNorm",
     "TimmClassifier",
+    "WGANCritic",
+    "WGANGenerator",
     "apply_soft_spectral_norm",
     "as_classifier",
     "class_feature_statistics",

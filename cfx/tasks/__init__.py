@@ -13,8 +13,10 @@ from cfx.tasks.ddu import FitClassGaussians, fit_and_save_class_gaussians, load_
 from cfx.tasks.dep import DEPTask
 from cfx.tasks.discrepancy import DiscrepancyResult, classifier_discrepancy
 from cfx.tasks.duq import DUQTask, load_duq_classifier
+from cfx.tasks.generative import AutoencoderTask, GANTask, VAETask, load_generative
 
 __all__ = [
+    "AutoencoderTask",
     "CfxTask",
     "ClassificationTask",
     "CounterfactualTask",
@@ -22,12 +24,15 @@ __all__ = [
     "DUQTask",
     "DiscrepancyResult",
     "FitClassGaussians",
+    "GANTask",
+    "VAETask",
     "check_data_matches",
     "classifier_discrepancy",
     "fit_and_save_class_gaussians",
     "load_classifier",
     "load_classifier_and_gaussians",
     "load_duq_classifier",
+    "load_generative",
     "load_task",
     "read_checkpoint",
 ]

@@ -18,16 +18,19 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
 
 from cfx.counterfactual.base import Explainer
+from cfx.counterfactual.vlk import ClassEncodings, load_prototypes
 from cfx.io import atomic_write_text, file_sha256
+from cfx.metrics.functional.anogan import ANOGAN_KEYS, anogan_score, check_anogan_settings
 from cfx.metrics.functional.counterfactual import (
     ORACLE_KEYS,
     PairInputs,
@@ -38,6 +41,7 @@ from cfx.metrics.functional.counterfactual import (
 )
 from cfx.nn.classifier import FeatureClassifier
 from cfx.nn.gaussian import ClassGaussians
+from cfx.nn.generative import GAN, ConvAutoencoder, ConvVAE
 from cfx.results.pictures import store_grid
 from cfx.results.store import (
     STORE_FILENAME,
@@ -54,6 +58,8 @@ from cfx.seeding import per_sample_seed
 from cfx.tasks.base import CfxTask
 from cfx.tasks.classification import check_data_matches, load_classifier
 from cfx.tasks.ddu import load_classifier_and_gaussians
+from cfx.tasks.generative import check_image_data_matches, load_generative
+from cfx.tasks.prototypes import PROTOTYPES_FILENAME
 
 SHARD_PATTERN = "results.rank*.h5"  # process r > 0 of a DDP run appends to results.rank{r}.h5, process 0 to results.h5
 RESUME_IGNORES = (  # metadata a resumed run may change: where things are (their content hashes are compared)
@@ -63,23 +69,82 @@ RESUME_IGNORES = (  # metadata a resumed run may change: where things are (their
     "task.classifier",
     "task.gaussians",
     "task.oracle",
+    "task.realism",
+    "task.generative",
     "classifier.path",
     "gaussians.path",
     "oracle.path",
+    "realism.path",
+    "generative.path",
+    "prototypes.path",
     "explainer.init_args.gaussians",
+    "explainer.init_args.vae",
+    "explainer.init_args.autoencoder",
+    "explainer.init_args.prototypes",
     "cfx_version",
 )
+
+
+@dataclass(frozen=True)
+class Auxiliary:
+    """An explainer argument the task fills in: what it is and which task argument provides it.
+
+    Attributes:
+        needed: what the explainer needs, for "X needs ...".
+        named: how "... named twice" names it.
+        task_argument: the CounterfactualTask argument that provides it.
+        hint: what to set that argument to.
+    """
+
+    needed: str
+    named: str
+    task_argument: str
+    hint: str
+
+
+AUXILIARIES = {  # explainer argument -> what the task hands it (see CounterfactualTask._build_explainer)
+    "gaussians": Auxiliary(
+        "class Gaussians",
+        "the class Gaussians are",
+        "gaussians",
+        "the classifier's class_gaussians.pt (`cfx fit ... -c configs/ddu/fit_gaussians.yaml` writes it)",
+    ),
+    "vae": Auxiliary("a VAE", "the VAE is", "generative", "a VAETask checkpoint (`cfx fit -c configs/vae/...`)"),
+    "autoencoder": Auxiliary(
+        "an autoencoder",
+        "the autoencoder is",
+        "generative",
+        "an AutoencoderTask checkpoint (`cfx fit -c configs/autoencoder/...`)",
+    ),
+    "prototypes": Auxiliary(
+        "class prototypes",
+        "the class prototypes are",
+        "generative",
+        f"an AutoencoderTask checkpoint with the class prototypes fitted for it ({PROTOTYPES_FILENAME}) beside it",
+    ),
+}
+GENERATIVE_AUXILIARIES = ("vae", "autoencoder", "prototypes")
 
 
 class ExplainerFactory(Protocol):
     """What builds the explainer: ``{class_path: ..., init_args: {...}}`` in YAML, or any callable in Python.
 
-    The task calls it with the classifier, and with ``gaussians=`` (its loaded class Gaussians) when the
-    explainer class takes a ``gaussians`` argument; a config therefore never names the Gaussians in the
-    explainer (the CLI does not offer ``explainer.init_args.gaussians``).
+    The task calls it with the classifier, and with each auxiliary of :data:`AUXILIARIES` the explainer class
+    takes as an argument: ``gaussians=`` (the task's class Gaussians), ``vae=`` or ``autoencoder=`` (the model of
+    the task's ``generative`` checkpoint) and ``prototypes=`` (the class prototypes beside that checkpoint). A
+    config therefore never names them in the explainer (the CLI does not offer ``explainer.init_args.gaussians``
+    and the like).
     """
 
-    def __call__(self, classifier: FeatureClassifier, /, gaussians: ClassGaussians | None = None) -> Explainer:
+    def __call__(
+        self,
+        classifier: FeatureClassifier,
+        /,
+        gaussians: ClassGaussians | None = None,
+        vae: nn.Module | None = None,
+        autoencoder: nn.Module | None = None,
+        prototypes: ClassEncodings | None = None,
+    ) -> Explainer:
         """Build the explainer of ``classifier``."""
 
 
@@ -151,6 +216,10 @@ class CounterfactualTask(CfxTask):
         gaussians: path of class Gaussians of the classifier (``class_gaussians.pt``): adds the feature NLL of
             each counterfactual under its target class (realism), and an explainer that takes ``gaussians``
             (DeDUCE) is built with them.
+        generative: path of a VAETask or AutoencoderTask checkpoint (:func:`~cfx.tasks.load_generative`) whose
+            model fits the classifier's images: an explainer that takes ``vae`` (REVISE) or ``autoencoder`` (VLK)
+            is built with it, and one that takes ``prototypes`` (VLK) with the class prototypes in
+            ``class_prototypes.pt`` beside the checkpoint (``cfx.counterfactual.vlk.load_prototypes``).
         output_dir: where the results go (default ``<trainer.default_root_dir>/counterfactual/<explainer class>``).
         max_queries: use only the first ``max_queries`` queries of the split (in split order; only they are
             loaded).
@@ -164,6 +233,13 @@ class CounterfactualTask(CfxTask):
             counterfactuals that fooled the classifier convince the oracle, or are they adversarial?),
             ``oracle_validity_all_pairs``, ``oracle_target_confidence`` and ``oracle_original_confidence`` to
             the metric table.
+        realism: path of a GANTask checkpoint whose WGAN fits the classifier's images: adds the AnoGAN score
+            (``cfx.metrics.functional.anogan.anogan_score``, lower = more realistic) of each counterfactual
+            (``anogan``) and of its query (``query_anogan``) per pair, and their means over the successful pairs
+            to the metric table. Computed per batch in float32 (rounding may differ in the last digits with the
+            batch's make-up), each image's restarts seeded by its query's dataset index.
+        realism_options: settings of ``anogan_score`` (``steps``, ``step_size``, ``decay_fraction``,
+            ``decay_factor``, ``restarts``, ``feature_weight``, ``seed``; DeDUCE's by default), with ``realism``.
         overwrite: delete the results of an earlier run in ``output_dir`` and start over. Without it a run
             resumes a store made by the same configuration (same task arguments, explainer, classifier and
             auxiliary files by content) and refuses one made by another.
@@ -187,6 +263,9 @@ class CounterfactualTask(CfxTask):
         l0_tolerance: float = 0.0,
         concentration_threshold: float = 0.05,
         oracle: str | None = None,
+        realism: str | None = None,
+        realism_options: dict[str, Any] | None = None,
+        generative: str | None = None,
         overwrite: bool = False,
     ):
         super().__init__()
@@ -206,42 +285,80 @@ class CounterfactualTask(CfxTask):
             raise ValueError(f"grid_size must be >= 0, got {grid_size}")
         if l0_tolerance < 0:
             raise ValueError(f"l0_tolerance must be >= 0, got {l0_tolerance}")
+        if realism_options is not None and realism is None:
+            raise ValueError("realism_options go with realism (a GANTask checkpoint); got no realism")
+        self.realism_options = dict(realism_options or {})
+        check_anogan_settings(self.realism_options)
+        self.realism_model = None if realism is None else self._checked_model(realism, "realism", (GAN,))
+        self.generative_model = (
+            None if generative is None else self._checked_model(generative, "generative", (ConvVAE, ConvAutoencoder))
+        )
+        self.files = {
+            "classifier": _file_facts(classifier),
+            "gaussians": None if gaussians is None else _file_facts(gaussians),
+            "oracle": None if oracle is None else _file_facts(oracle),
+            "realism": None if realism is None else _file_facts(realism),
+            "generative": None if generative is None else _file_facts(generative),
+            "prototypes": None,  # set when the explainer takes them
+        }
         self.explainer = self._build_explainer(explainer)
         self.targets, self.query_class, self.seed = targets, query_class, seed
         self.output_dir, self.max_queries, self.grid_size = output_dir, max_queries, grid_size
         self.l0_tolerance, self.concentration_threshold = l0_tolerance, concentration_threshold
         self.oracle_network = None if oracle is None else self._checked_oracle(load_classifier(oracle), oracle)
-        optional = (*(("nll",) if gaussians is not None else ()), *(ORACLE_KEYS if oracle is not None else ()))
+        optional = (
+            *(("nll",) if gaussians is not None else ()),
+            *(ORACLE_KEYS if oracle is not None else ()),
+            *(ANOGAN_KEYS if realism is not None else ()),
+        )
         self.record_keys = record_keys(optional)  # the store's per-pair columns
-        self.files = {
-            "classifier": _file_facts(classifier),
-            "gaussians": None if gaussians is None else _file_facts(gaussians),
-            "oracle": None if oracle is None else _file_facts(oracle),
-        }
         self.overwrite = overwrite
         self._done = torch.zeros(0, dtype=torch.long)  # index * num_classes + target of every stored pair
         self._writer: StoreWriter | None = None
         self._progress: dict[str, float] = {}
 
     def _build_explainer(self, factory: ExplainerFactory) -> Explainer:
-        """Call ``factory`` with the classifier, and with the task's Gaussians when its explainer takes them."""
+        """Call ``factory`` with the classifier and with each auxiliary (:data:`AUXILIARIES`) its explainer takes.
+
+        An auxiliary the explainer takes comes from the task when the task has it (naming it in the explainer's
+        config too is an error); without it the explainer's own argument or default applies, and an explainer
+        that requires it is an error naming the task argument to set. A ``generative`` checkpoint no argument
+        of the explainer takes is an error too.
+        """
         explainer_class = _built_class(factory)
-        parameter = None if explainer_class is None else inspect.signature(explainer_class).parameters.get("gaussians")
-        configured = factory.keywords.get("gaussians") if isinstance(factory, functools.partial) else None
-        if parameter is not None and configured is None and self.gaussians is not None:
-            built = factory(self.network, gaussians=self.gaussians)
-        elif parameter is not None and configured is None and parameter.default is inspect.Parameter.empty:
+        parameters = {} if explainer_class is None else inspect.signature(explainer_class).parameters
+        configured = factory.keywords if isinstance(factory, functools.partial) else {}
+        handed = {}
+        for name, auxiliary in AUXILIARIES.items():
+            parameter = parameters.get(name)
+            if parameter is None:
+                continue
+            given = configured.get(name) is not None
+            if self._has_auxiliary(name) and given:
+                raise ValueError(
+                    f"{auxiliary.named} named twice: set only the CounterfactualTask's `{auxiliary.task_argument}:` "
+                    f"(it builds {explainer_class.__name__} with {'it' if auxiliary.named.endswith(' is') else 'them'})"
+                    ", not the explainer's"
+                )
+            if self._has_auxiliary(name):
+                handed[name] = self._auxiliary(name)
+            elif not given and parameter.default is inspect.Parameter.empty:
+                source = self.hparams.get(auxiliary.task_argument)
+                holds = (
+                    "" if source is None else f" (it is {source}, which holds a {type(self.generative_model).__name__})"
+                )
+                raise ValueError(
+                    f"{explainer_class.__name__} needs {auxiliary.needed}: set the CounterfactualTask's "
+                    f"`{auxiliary.task_argument}:` to {auxiliary.hint}{holds}"
+                )
+        if self.generative_model is not None and not set(handed) & set(GENERATIVE_AUXILIARIES):
+            name = getattr(explainer_class, "__name__", "the explainer")
             raise ValueError(
-                f"{explainer_class.__name__} needs class Gaussians: set the CounterfactualTask's `gaussians:` to "
-                "the classifier's class_gaussians.pt (`cfx fit ... -c configs/ddu/fit_gaussians.yaml` writes it)"
+                f"the CounterfactualTask's `generative:` is set ({self.hparams.generative}), but {name} takes none of "
+                f"{list(GENERATIVE_AUXILIARIES)}: remove it, or choose an explainer that uses it (REVISE, VLK)"
             )
-        elif parameter is not None and configured is not None and self.gaussians is not None:
-            raise ValueError(
-                f"the class Gaussians are named twice: set only the CounterfactualTask's `gaussians:` (it builds "
-                f"{explainer_class.__name__} with them), not the explainer's"
-            )
-        else:
-            built = factory(self.network)
+        built = factory(self.network, **handed)
+        self._handed = tuple(handed)
         if not isinstance(built, Explainer):
             raise ValueError(
                 f"explainer must build a cfx.counterfactual.Explainer from the classifier, got {type(built)}"
@@ -304,6 +421,9 @@ class CounterfactualTask(CfxTask):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "num_classes"):
             check_data_matches(self.network, datamodule)
+        for model in (self.realism_model, self.generative_model):
+            if model is not None and hasattr(datamodule, "image_size"):
+                check_image_data_matches(model, model.in_channels, datamodule)
         if self.max_queries is not None:
             if not hasattr(datamodule, "limit_split"):
                 raise ValueError("max_queries needs a cfx ImageDataModule (it limits the split the queries come from)")
@@ -418,6 +538,8 @@ class CounterfactualTask(CfxTask):
             "iterations": result.iterations,
             **measured,  # target_probability, + nll with Gaussians, + the oracle's entries with an oracle
         }
+        if self.realism_model is not None:
+            given.update(self._realism(result.counterfactuals, images, indices, positions))
         record = measure_pairs(inputs, given)  # every measure once per batch, stored with the images
         images = {"originals": originals, "counterfactuals": result.counterfactuals}
         if result.path is not None:
@@ -428,6 +550,71 @@ class CounterfactualTask(CfxTask):
         self._progress["successes"] += int(record["success"].sum())
         self._progress["seconds"] += seconds
         return pairs
+
+    def _has_auxiliary(self, name: str) -> bool:
+        """Whether the task can hand the explainer argument ``name`` (an entry of :data:`AUXILIARIES`)."""
+        if name == "gaussians":
+            return self.gaussians is not None
+        if name == "vae":
+            return isinstance(self.generative_model, ConvVAE)
+        return isinstance(self.generative_model, ConvAutoencoder)  # its encoder for VLK, its prototypes beside it
+
+    def _auxiliary(self, name: str) -> Any:
+        """The task's auxiliary for the explainer argument ``name``; the class prototypes are read here, once."""
+        if name == "gaussians":
+            return self.gaussians
+        if name == "prototypes":
+            path = Path(self.hparams.generative).parent / PROTOTYPES_FILENAME
+            prototypes = load_prototypes(path)
+            self.files["prototypes"] = _file_facts(path)
+            return prototypes
+        return self.generative_model
+
+    def _checked_model(self, path: str, argument: str, expected: tuple[type, ...]) -> nn.Module:
+        """The model of the checkpoint ``path`` (``load_generative``), after checking its class and its images."""
+        model, network, problems = load_generative(path), self.network, []
+        if not isinstance(model, expected):
+            names = " or ".join(cls.__name__ for cls in expected)
+            raise ValueError(
+                f"the CounterfactualTask's `{argument}:` must be the checkpoint of a {names} "
+                f"({'a GANTask' if expected == (GAN,) else 'a VAETask or an AutoencoderTask'}); {path} holds a "
+                f"{type(model).__name__}"
+            )
+        if model.in_channels != network.in_channels:
+            problems.append(f"it takes {model.in_channels} channel(s), the classifier {network.in_channels}")
+        if network.image_size is not None and model.image_size != network.image_size:
+            problems.append(f"it was built for {model.image_size} px, the classifier for {network.image_size} px")
+        if problems:
+            raise ValueError(
+                f"the {argument} model {path} does not fit the classifier {self.hparams.classifier}: "
+                + "; ".join(problems)
+            )
+        return model
+
+    def _realism(
+        self, counterfactuals: Tensor, images: Tensor, indices: Tensor, positions: Tensor
+    ) -> dict[str, Tensor]:
+        """The AnoGAN scores of the counterfactuals and of their queries (each query scored once), in one run.
+
+        Args:
+            counterfactuals: ``(P, C, H, W)`` the pairs' counterfactuals.
+            images: ``(N, C, H, W)`` the batch's queries.
+            indices: ``(N,)`` their dataset indices (seeding every image's restarts, the counterfactuals' too).
+            positions: ``(P,)`` each pair's query position.
+
+        Returns:
+            ``anogan`` and ``query_anogan``, each ``(P,)`` float64 holding float32 values.
+        """
+        queries, pair_query = torch.unique(positions, return_inverse=True)
+        scores = anogan_score(
+            torch.cat([counterfactuals.float(), images[queries].float()]),
+            torch.cat([indices[positions], indices[queries]]),
+            self.realism_model.generator,
+            self.realism_model.critic,
+            **self.realism_options,
+        ).double()
+        pairs = len(positions)
+        return {"anogan": scores[:pairs], "query_anogan": scores[pairs:][pair_query]}
 
     def _checked_oracle(self, oracle: FeatureClassifier, path: str) -> FeatureClassifier:
         """``oracle``, after checking that it classifies the classifier's classes from the same kind of images."""
@@ -542,15 +729,17 @@ class CounterfactualTask(CfxTask):
         """What made the results (plain values, stored in ``results.h5`` and ``metrics.json``).
 
         Returns:
-            ``explainer`` (its ``params``: class path and init arguments; ``init_args.gaussians`` is the task's
-            Gaussians path when the task built it with them), ``task`` (this task's init arguments),
-            ``seed`` (the task's, seeding the random targets), ``global_seed`` (Lightning's ``seed_everything``,
-            ``None`` if not seeded), ``cfx_version``, ``classifier`` and ``gaussians`` (``{"path", "sha256"}``,
-            ``gaussians`` ``None`` without them).
+            ``explainer`` (its ``params``: class path and init arguments; an auxiliary the task built it with,
+            ``init_args.gaussians``, ``vae``, ``autoencoder`` or ``prototypes``, is the path of its file), ``task``
+            (this task's init arguments), ``seed`` (the task's, seeding the random targets), ``global_seed``
+            (Lightning's ``seed_everything``, ``None`` if not seeded), ``cfx_version``, and ``{"path", "sha256"}``
+            of each input file: ``classifier``, ``gaussians``, ``oracle``, ``realism``, ``generative`` and
+            ``prototypes`` (``None`` for those not used).
         """
         explainer = self.explainer.params
-        if self.files["gaussians"] is not None and "gaussians" in explainer["init_args"]:
-            explainer["init_args"]["gaussians"] = self.files["gaussians"]["path"]
+        for name in self._handed:
+            file = self.files[name if name in ("gaussians", "prototypes") else "generative"]
+            explainer["init_args"][name] = file["path"]
         global_seed = os.environ.get("PL_GLOBAL_SEED")
         return {
             "explainer": explainer,

@@ -1,5 +1,6 @@
 """Pure-torch metric functions (no Lightning import)."""
 
+from cfx.metrics.functional.anogan import anogan_score
 from cfx.metrics.functional.counterfactual import (
     concentration,
     feature_nll,
@@ -13,6 +14,7 @@ from cfx.metrics.functional.ood import ood_auroc
 from cfx.metrics.functional.ranking import average_ranks, pairwise_ranking_accuracy, spearman_correlation
 
 __all__ = [
+    "anogan_score",
     "average_ranks",
     "concentration",
     "feature_nll",

@@ -286,6 +286,20 @@ PAIR_SCHEMA: dict[str, PairField] = {
         success_mean="oracle_original_confidence",
         optional=True,
     ),
+    # the AnoGAN realism score under a WGAN of the data (cfx.metrics.functional.anogan.anogan_score, lower = more
+    # realistic; DeDUCE's Table 1): the counterfactual's and, for comparison, its query's
+    "anogan": PairField(
+        torch.float64,
+        "AnoGAN score of the counterfactual (anogan_score: realism, lower = more realistic)",
+        success_mean="anogan",
+        optional=True,
+    ),
+    "query_anogan": PairField(
+        torch.float64,
+        "AnoGAN score of the query the counterfactual was made from (anogan_score)",
+        success_mean="query_anogan",
+        optional=True,
+    ),
 }
 
 
