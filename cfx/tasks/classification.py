@@ -200,9 +200,9 @@ def build_task(payload: dict[str, Any], source: str | Path = "the checkpoint") -
     instantiator = hyper_parameters.pop("_instantiator", None)
     try:
         if instantiator is None:
-            network = hyper_parameters.get("network")
-            if isinstance(network, Mapping) and "class_path" in network:  # see ClassificationTask.__init__
-                hyper_parameters["network"] = instantiate(network)
+            for name, value in list(hyper_parameters.items()):  # networks saved as configs (ClassificationTask)
+                if isinstance(value, Mapping) and "class_path" in value:
+                    hyper_parameters[name] = instantiate(value)
             task = task_class(**hyper_parameters)
         elif instantiator == "lightning.pytorch.cli.instantiate_module":
             task = instantiate_module(task_class, {"_class_path": class_path, **hyper_parameters})

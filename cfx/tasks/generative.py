@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,6 @@ from torchmetrics import MeanMetric
 from torchvision.utils import make_grid
 
 from cfx.data.base import rank_and_world_size
-from cfx.init_args import instantiate
 from cfx.nn.duq import gradient_penalty
 from cfx.nn.evaluation import evaluation_mode
 from cfx.nn.generative import GAN, kl_divergence
@@ -430,18 +428,6 @@ class AutoencoderTask(ReconstructionTask):
 
 
 GENERATIVE_TASKS = (GANTask, VAETask, AutoencoderTask)
-NETWORK_ARGUMENTS = ("generator", "critic", "vae", "autoencoder")
-
-
-def _networks_built(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """The checkpoint with the network configs a task built in Python saved (see ``save_network_configs``) built."""
-    hyper_parameters = dict(payload.get("hyper_parameters") or {})
-    if "_instantiator" not in hyper_parameters:
-        for name in NETWORK_ARGUMENTS:
-            config = hyper_parameters.get(name)
-            if isinstance(config, Mapping) and "class_path" in config:
-                hyper_parameters[name] = instantiate(config)
-    return {**payload, "hyper_parameters": hyper_parameters}
 
 
 def load_generative(checkpoint: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -466,6 +452,6 @@ def load_generative(checkpoint: str | Path, map_location: str | torch.device = "
             f"{checkpoint} is a checkpoint of {checkpoint_class_path(payload)}, expected one of {expected} "
             "(a generative model)"
         )
-    model = build_task(_networks_built(payload), checkpoint).generative_model().eval()
+    model = build_task(payload, checkpoint).generative_model().eval()
     model.requires_grad_(False)
     return model
