@@ -55,3 +55,8 @@ def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
         while chunk := file.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_facts(path: str | Path) -> dict[str, str]:
+    """``{"path": path as given, "sha256": content digest}`` of a file, as results and fitted files record inputs."""
+    return {"path": str(path), "sha256": file_sha256(path)}

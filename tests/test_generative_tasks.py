@@ -24,6 +24,7 @@ from cfx.nn.generative import kl_divergence
 from cfx.tasks import AutoencoderTask, ClassificationTask, GANTask, VAETask, load_generative
 from tests.config_helpers import tiny_trainer
 from tests.processes import kill_when
+from tests.test_resume import _assert_identical
 from tests.trainers import quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,21 +86,6 @@ def _checkpointing_trainer(root: Path, max_epochs: int, callbacks: list[Callback
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-
-
-def _assert_identical(expected, actual, where: str) -> None:
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor) and torch.equal(expected, actual), where
-    elif isinstance(expected, dict):
-        assert isinstance(actual, dict) and expected.keys() == actual.keys(), where
-        for key in expected:
-            _assert_identical(expected[key], actual[key], f"{where}.{key}")
-    elif isinstance(expected, list | tuple):
-        assert len(actual) == len(expected), where
-        for position, (left, right) in enumerate(zip(expected, actual, strict=True)):
-            _assert_identical(left, right, f"{where}[{position}]")
-    else:
-        assert expected == actual, where
 
 
 @pytest.mark.parametrize("name", TASKS)

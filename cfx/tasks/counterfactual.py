@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from cfx.counterfactual.base import Explainer
 from cfx.counterfactual.vlk import ClassEncodings, load_prototypes
-from cfx.io import atomic_write_text, file_sha256
+from cfx.io import atomic_write_text, file_facts
 from cfx.metrics.functional.anogan import ANOGAN_KEYS, anogan_score, check_anogan_settings
 from cfx.metrics.functional.counterfactual import (
     ORACLE_KEYS,
@@ -183,11 +183,6 @@ def _built_class(factory: ExplainerFactory) -> type | None:
     return None
 
 
-def _file_facts(path: str | Path) -> dict[str, str]:
-    """``{"path": ..., "sha256": ...}`` of an input file, as the results record it."""
-    return {"path": str(path), "sha256": file_sha256(path)}
-
-
 class CounterfactualTask(CfxTask):
     """Explain a trained classifier's decisions on the queries of a DataModule (``test`` or ``predict``).
 
@@ -294,11 +289,11 @@ class CounterfactualTask(CfxTask):
             None if generative is None else self._checked_model(generative, "generative", (ConvVAE, ConvAutoencoder))
         )
         self.files = {
-            "classifier": _file_facts(classifier),
-            "gaussians": None if gaussians is None else _file_facts(gaussians),
-            "oracle": None if oracle is None else _file_facts(oracle),
-            "realism": None if realism is None else _file_facts(realism),
-            "generative": None if generative is None else _file_facts(generative),
+            "classifier": file_facts(classifier),
+            "gaussians": None if gaussians is None else file_facts(gaussians),
+            "oracle": None if oracle is None else file_facts(oracle),
+            "realism": None if realism is None else file_facts(realism),
+            "generative": None if generative is None else file_facts(generative),
             "prototypes": None,  # set when the explainer takes them
         }
         self.explainer = self._build_explainer(explainer)
@@ -566,7 +561,7 @@ class CounterfactualTask(CfxTask):
         if name == "prototypes":
             path = Path(self.hparams.generative).parent / PROTOTYPES_FILENAME
             prototypes = load_prototypes(path)
-            self.files["prototypes"] = _file_facts(path)
+            self.files["prototypes"] = file_facts(path)
             return prototypes
         return self.generative_model
 

@@ -16,15 +16,11 @@ from jsonargparse import ArgumentParser
 from cfx.counterfactual.revise import check_image_model
 from cfx.counterfactual.vlk import ClassEncodings, fit_class_encodings, load_prototypes
 from cfx.data.base import ImageDataModule
-from cfx.io import file_sha256
+from cfx.io import file_facts, file_sha256
 from cfx.tasks.classification import load_classifier
 from cfx.tasks.generative import load_generative
 
 PROTOTYPES_FILENAME = "class_prototypes.pt"
-
-
-def _file_facts(path: str | Path) -> dict[str, str]:
-    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path)}
 
 
 def fit_and_save_prototypes(
@@ -62,8 +58,8 @@ def fit_and_save_prototypes(
         raise ValueError(f"the data has {datamodule.num_classes} classes, the classifier {classifier.num_classes}")
     encodings = fit_class_encodings(autoencoder, classifier, datamodule.eval_dataloader(split), classifier.num_classes)
     encodings.sources = {
-        "classifier": _file_facts(classifier_checkpoint),
-        "autoencoder": _file_facts(autoencoder_checkpoint),
+        "classifier": file_facts(Path(classifier_checkpoint).resolve()),
+        "autoencoder": file_facts(Path(autoencoder_checkpoint).resolve()),
         "split": split,
     }
     path = Path(autoencoder_checkpoint).parent / PROTOTYPES_FILENAME if path is None else Path(path)
