@@ -239,7 +239,7 @@ def test_missing_mismatched_and_doubly_named_auxiliaries_are_clear_errors(checkp
     ):
         CounterfactualTask(classifier, PatchExplainer, realism=str(checkpoints["vae"]))
     with pytest.raises(
-        ValueError, match=r"`generative:` must be the checkpoint of a ConvVAE or ConvAutoencoder .* a GAN"
+        ValueError, match=r"ReconstructingExplainer needs a VAE: .* \(it is .*gan/last.ckpt, which holds a GAN\)"
     ):
         CounterfactualTask(classifier, ReconstructingExplainer, generative=str(checkpoints["gan"]))
     with pytest.raises(ValueError, match="the realism model .* does not fit the classifier .*: it takes 3 channel"):

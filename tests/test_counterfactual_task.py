@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata
@@ -26,6 +27,7 @@ from cfx.results import open_results
 from cfx.results.pictures import store_grid
 from cfx.tasks import ClassificationTask, CounterfactualTask, fit_and_save_class_gaussians, load_classifier
 from cfx.tasks.counterfactual import random_targets
+from cfx.tasks.dep import target_loss_quantiles
 from tests.config_helpers import tiny_trainer
 from tests.trainers import quiet_trainer
 
@@ -324,6 +326,8 @@ def test_celeba_configs_fit_dep_and_run_disc_on_fake_celeba(celeba_root, tmp_pat
             f"{explainer}.reconstruction_steps=5",
             f"{explainer}.steps_per_stage=2",
             f"{explainer}.max_iterations=6",
+            f"{explainer}.target_loss=quantile",  # s* from the DEP predictor on the 8 training faces
+            f"{explainer}.target_loss_quantile=0.25",
             "--model.targets=others",  # the other class for each of the 2 test faces, whatever the tiny net predicts
             "--model.target_class=null",
             f"--model.output_dir={tmp_path / 'out'}",
@@ -337,6 +341,9 @@ def test_celeba_configs_fit_dep_and_run_disc_on_fake_celeba(celeba_root, tmp_pat
     assert cli.trainer.callback_metrics["test/pairs"] == 2
     written = json.loads((tmp_path / "out" / "metrics.json").read_text(), parse_constant=pytest.fail)  # strict JSON
     assert written["method"] == "DISC" and written["metrics"]["pairs"] == 2
+    expected = target_loss_quantiles(load_classifier(checkpoint), cli.datamodule.eval_dataloader("train"), 0.25, 2)
+    assert torch.equal(cli.model.explainer.target_loss, expected)
+    assert written["metadata"]["target_loss"] == expected.tolist() == results["metadata"]["target_loss"]
     assert (written["metrics"]["l0"] is None) == (not results["success"].any())  # no success: nothing to average
 
 
@@ -416,3 +423,40 @@ def test_deduce_is_built_with_the_tasks_gaussians(classifier_checkpoint, gaussia
             functools.partial(DeDUCE, gaussians=str(gaussians_file)),
             gaussians=str(gaussians_file),
         )
+
+
+class DetailedPatchExplainer(PatchExplainer):
+    """PatchExplainer with two per-query details: the target doubled and the dataset index as a float."""
+
+    def detail_fields(self):
+        return {"double_target": (torch.int64, (2,)), "position": (torch.float32, ())}
+
+    def explain(self, images, targets, indices=None):
+        result = super().explain(images, targets, indices)
+        indices = torch.arange(len(images)) if indices is None else indices
+        details = {"double_target": torch.stack([targets, 2 * targets], dim=1), "position": indices.float()}
+        return dataclasses.replace(result, details=details)
+
+
+class CollidingPatchExplainer(DetailedPatchExplainer):
+    def detail_fields(self):
+        return {"index": (torch.float32, ())}
+
+
+def test_details_are_stored_per_pair_and_a_store_of_other_details_is_refused(classifier_checkpoint, tmp_path):
+    folder = tmp_path / "out"
+    task = CounterfactualTask(str(classifier_checkpoint), DetailedPatchExplainer, output_dir=str(folder), max_queries=5)
+    _test_run(task, eval_batch_size=2)
+    results = open_results(folder)
+    assert results.finished and results.extra_fields == DetailedPatchExplainer.detail_fields(None)
+    assert torch.equal(results["double_target"], torch.stack([results["target"], 2 * results["target"]], dim=1))
+    assert torch.equal(results["position"], results["index"].float())
+    with pytest.raises(ValueError, match=r"CollidingPatchExplainer's details \['index'\] are named like per-pair"):
+        CounterfactualTask(str(classifier_checkpoint), CollidingPatchExplainer)
+    other = CounterfactualTask(str(classifier_checkpoint), PatchExplainer, output_dir=str(folder), max_queries=5)
+    with pytest.raises(ValueError, match=r"stores the details .*double_target.* PatchExplainer returns \{\}"):
+        _test_run(other)
+    own = CounterfactualTask(str(classifier_checkpoint), PatchExplainer, targets="own", output_dir=str(tmp_path / "o"))
+    predictions = torch.tensor([0, 2, 1])
+    positions, targets = own.make_pairs(torch.tensor([5, 6, 7]), predictions, predictions)
+    assert positions.tolist() == [0, 1, 2] and torch.equal(targets, predictions)  # prototypes: the own class kept

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from cfx.counterfactual import DISC, JSMA, REVISE, VLK, DeDUCE, Explainer, Wachter
+from cfx.counterfactual import DISC, JSMA, REVISE, VLK, DeDUCE, Explainer, GenerativeIntrospection, Wachter
 from cfx.nn import FeatureClassifier
 from tests.explainer_helpers import (
     assert_batch_invariant,
@@ -27,6 +27,7 @@ from tests.explainer_helpers import (
     random_gaussians,
     tiny_cnn,
 )
+from tests.test_introspection import SigmoidGenerator, additive_attgan
 
 Factory = Callable[..., Explainer]
 
@@ -34,7 +35,9 @@ Factory = Callable[..., Explainer]
 # are bit-exact; Wachter's and DISC's iterates carry the classifier's batch-size-dependent matmul rounding through
 # their optimisers (measured batch-vs-single spread on these settings: Wachter 1.8e-7, DISC pixel 1.5e-6, DISC INR
 # 1.4e-4 -- SIREN amplifies rounding; its larger learning rates diverge by 1e-2 and more; REVISE through the stand-in
-# VAE's logits at step 10: 7.4e-5; VLK 4.8e-7).
+# VAE's logits at step 10: 7.4e-5; VLK 4.8e-7). GenerativeIntrospection runs one bisection round here (its rounds
+# multiply the iterations; test_introspection.py covers several): attributes through an additive AttGAN stand-in
+# whose edit of all-zero attributes is the query itself, latents through a sigmoid generator's inversion.
 FACTORIES: dict[str, tuple[Factory, float]] = {
     "deduce": (lambda c, **kw: DeDUCE(c, random_gaussians(c.num_classes, c.feature_dim), **kw), 0.0),
     "jsma": (lambda c, **kw: JSMA(c, **kw), 0.0),
@@ -75,6 +78,32 @@ FACTORIES: dict[str, tuple[Factory, float]] = {
         ),
         1e-5,
     ),
+    "gci_attributes": (
+        lambda c, **kw: GenerativeIntrospection(
+            c,
+            attgan=additive_attgan(4, scale=0.5),
+            attribute_table=torch.zeros(100, 4),
+            mode="attributes",
+            top_k=2,
+            bisection_steps=1,
+            learning_rate=0.1,
+            **kw,
+        ),
+        1e-6,
+    ),  # fmt: skip
+    "gci_latent": (
+        lambda c, **kw: GenerativeIntrospection(
+            c,
+            generator=SigmoidGenerator(),
+            top_k=2,
+            bisection_steps=1,
+            learning_rate=0.3,
+            inversion_steps=60,
+            inversion_learning_rate=0.1,
+            **kw,
+        ),
+        1e-5,
+    ),  # fmt: skip
 }
 METHODS = sorted(FACTORIES)
 
@@ -119,6 +148,26 @@ def test_result_fields_have_the_documented_shapes_and_meaning(name: str) -> None
     assert torch.equal(result.success, (predicted == targets) & (probability >= 0.5 - 1e-6))
     assert result.success.any() and not result.success.all()  # both branches exercised
     assert (result.iterations <= 12).all() and (result.iterations[~result.success] == 12).all()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_details_are_the_declared_fields_and_do_not_depend_on_the_batch(name: str) -> None:
+    classifier = tiny_cnn()
+    images, targets = queries(classifier, 6, seed=2)
+    explainer = build(name, classifier)
+    fields = explainer.detail_fields()
+    assert all(isinstance(dtype, torch.dtype) and isinstance(shape, tuple) for dtype, shape in fields.values())
+    indices = torch.arange(6) * 5 + 1
+    batch = explainer.explain(images, targets, indices)
+    singles = [explainer.explain(images[i : i + 1], targets[i : i + 1], indices[i : i + 1]) for i in range(6)]
+    empty = explainer.explain(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))
+    for result, count in ((batch, 6), (singles[0], 1), (empty, 0)):
+        assert set(result.details) == set(fields)
+        for key, (dtype, shape) in fields.items():
+            assert result.details[key].dtype == dtype and result.details[key].shape == (count, *shape), key
+    for key, value in batch.details.items():
+        stacked = torch.cat([single.details[key] for single in singles])
+        torch.testing.assert_close(value, stacked, atol=FACTORIES[name][1] + 1e-6, rtol=0, equal_nan=True, msg=key)
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -9,7 +9,9 @@ import yaml
 from cfx.cli import main
 from cfx.nn import LossPredictingClassifier, LossPredictor, SmallCNN, pairwise_ranking_loss
 from cfx.tasks import DEPTask, load_classifier
+from cfx.tasks.dep import target_loss_quantiles
 from tests.config_helpers import tiny_trainer
+from tests.distributed import run_distributed
 
 
 def test_ranking_loss_equals_hand_computed_values():
@@ -122,3 +124,59 @@ def test_dep_training_step_moves_predictor_towards_the_true_ranking():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0]
+
+
+def quantile_setup() -> tuple[LossPredictingClassifier, dict[str, torch.Tensor]]:
+    """A tiny DEP classifier and a hand-made labelled set of 23 images (classes 0..2, each present), seeded."""
+    torch.manual_seed(0)
+    network = SmallCNN(in_channels=1, num_classes=3, channels=(4, 8), hidden=16)
+    model = LossPredictingClassifier(network, LossPredictor(network.stage_channels, hidden=8))
+    labels = torch.tensor([0, 1, 2] * 7 + [1, 1])
+    data = {"image": torch.rand(23, 1, 8, 8), "label": labels, "index": torch.arange(100, 123)}
+    return model, data
+
+
+def batches(data: dict[str, torch.Tensor], rows: range, size: int = 5) -> list[dict[str, torch.Tensor]]:
+    rows = list(rows)
+    return [{key: value[rows[i : i + size]] for key, value in data.items()} for i in range(0, len(rows), size)]
+
+
+def test_target_loss_quantiles_equal_torch_quantile_per_class():
+    model, data = quantile_setup()
+    model.train()
+    with torch.no_grad():
+        values = model.eval().loss_predictor(model.forward_features(data["image"])[1])
+    model.train()
+    for quantile in (0.0, 0.25, 0.5, 0.9, 1.0):
+        result = target_loss_quantiles(model, batches(data, range(23)), quantile, 3)
+        expected = torch.stack([torch.quantile(values[data["label"] == k], quantile) for k in range(3)])
+        assert result.shape == (3,) and result.dtype == torch.float32
+        torch.testing.assert_close(result, expected)
+    assert model.training  # its mode is restored
+    torch.testing.assert_close(  # a repeated sample (same dataset index) counts once
+        target_loss_quantiles(model, batches(data, [*range(23), 4, 5]), 0.25, 3),
+        target_loss_quantiles(model, batches(data, range(23)), 0.25, 3),
+    )
+    with pytest.raises(ValueError, match="quantile must lie in"):
+        target_loss_quantiles(model, batches(data, range(23)), 1.5, 3)
+    with pytest.raises(ValueError, match="no images of class 3"):
+        target_loss_quantiles(model, batches(data, range(23)), 0.5, 4)
+    with pytest.raises(ValueError, match="missing \\['index'\\]"):
+        target_loss_quantiles(model, [{"image": data["image"], "label": data["label"]}], 0.5, 3)
+    with pytest.raises(ValueError, match="loss_predictor"):
+        target_loss_quantiles(model.network, batches(data, range(23)), 0.5, 3)
+
+
+def _quantiles_on_rank(rank: int, world_size: int) -> torch.Tensor:
+    model, data = quantile_setup()
+    # uneven shares, samples 10..14 read by both ranks (as a padding sampler would); the batches are those of the
+    # one-process run, so the predictions are bit-identical and any difference would come from the gathering
+    shares = [range(15), range(10, 23)] if world_size == 2 else [range(23)]
+    return target_loss_quantiles(model, batches(data, shares[rank]), 0.3, 3)
+
+
+@pytest.mark.ddp
+def test_target_loss_quantiles_on_two_processes_equal_one_process():
+    single = _quantiles_on_rank(0, 1)
+    for result in run_distributed(_quantiles_on_rank, world_size=2):
+        assert torch.equal(result, single)

@@ -348,3 +348,27 @@ def test_store_grid_draws_the_first_pairs_of_a_store(two_runs, tmp_path):
     pairs.update({key: results.images(key, slice(0, 4)) for key in ("originals", "counterfactuals")})
     labelled_grid(pairs, tmp_path / "direct.png")
     assert grid.height > 4 * 120 and list(grid.getdata()) == list(Image.open(tmp_path / "direct.png").getdata())
+
+
+def test_paths_of_an_attribute_editing_run_name_the_most_changed_attributes(tmp_path):
+    """GenerativeIntrospection's top_attributes / attribute_change extras appear, named, under each path strip."""
+    folder = tmp_path / "gci"
+    _write_store(folder, "GenerativeIntrospection", 0.4, path_frames=3)
+    plain = open_results(folder)
+    change = torch.tensor([[0.5, -0.25, 0.0]]).repeat(len(plain), 1)
+    change[0] = torch.tensor([0.0, 0.125, -0.75])
+    top = change.abs().argsort(dim=1, descending=True)[:, :2]
+    names = ["thick", "slanted", "wide"]
+    metadata = {**plain.metadata, "attribute_names": names}
+    fields = {"attribute_change": (torch.float32, (3,)), "top_attributes": (torch.int64, (2,))}
+    rebuilt = tmp_path / "gci_attributes"
+    rebuilt.mkdir()
+    writer = StoreWriter.create(rebuilt / "results.h5", metadata, record_keys(), fields)
+    images = {key: plain.images(key) for key in plain.image_keys}
+    writer.append(plain.record(), images, {"attribute_change": change, "top_attributes": top})
+    finish_store(rebuilt / "results.h5")
+    page = (write_report([rebuilt], tmp_path / "report").parent / "index.html").read_text()
+    shown = re.findall(r"most changed: ([^<]*)</p>", page)
+    assert len(shown) == min(8, len(plain))  # the store's pairs are in (index, target) order: row 0 is shown first
+    assert html.unescape(shown[0]) == "wide -0.75, slanted +0.12"
+    assert all(html.unescape(text) == "thick +0.50, slanted -0.25" for text in shown[1:])

@@ -307,3 +307,36 @@ def test_the_progress_callback_is_quiet_without_a_progress_bar(classifier_checkp
         _run(task)
     assert not [record for record in caplog.records if "counterfactuals:" in record.getMessage()]
     shutil.rmtree(tmp_path / "out")
+
+
+def test_declared_extras_are_checked_merged_and_read_and_older_stores_still_open(tmp_path):
+    generator = torch.Generator().manual_seed(3)
+    fields = {"top": (torch.int64, (2,)), "weight": (torch.float32, ())}
+    writer = StoreWriter.create(tmp_path / "a.h5", {}, record_keys(), fields)
+    empty = open_results(tmp_path / "a.h5")
+    assert empty.extra_fields == fields and empty.extra_keys == ("top", "weight")
+    assert empty["top"].shape == (0, 2) and empty["top"].dtype == torch.int64 and empty["weight"].shape == (0,)
+    batches = [_batch([4, 1], True, generator), _batch([6], True, generator)]
+    extras = [{"top": torch.arange(2 * n).view(n, 2), "weight": torch.rand(n)} for n in (2, 1)]
+    for (record, images), extra in zip(batches, extras, strict=True):
+        writer.append(record, images, extra)
+    for wrong, message in (
+        ({"top": extras[0]["top"]}, r"stores the extras \['top', 'weight'\], got \['top'\]"),
+        ({**extras[0], "top": extras[0]["top"].int()}, r"stores the extra 'top' as torch.int64 \(P, \(2,\)\), got"),
+        ({**extras[0], "weight": torch.rand(2, 3)}, r"extra 'weight' as torch.float32 \(P, \(\)\), got .* \(2, 3\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            writer.append(*batches[0], wrong)
+    results = open_results(tmp_path / "a.h5")
+    assert len(results) == 3 and torch.equal(results["top"], torch.cat([e["top"] for e in extras]))
+    merged = merge_stores([results], tmp_path / "merged.h5", results.metadata)
+    assert merged.extra_fields == fields and merged["index"].tolist() == [1, 4, 6]
+    assert torch.equal(merged["weight"], torch.cat([e["weight"] for e in extras])[torch.tensor([1, 0, 2])])
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        StoreWriter.create(tmp_path / "b.h5", {}, record_keys(), {"x": (torch.bfloat16, ())})
+    older = tmp_path / "older.h5"  # a store written before extras were declared: no attribute, no extras
+    StoreWriter.create(older, {}, record_keys()).append(*batches[1])
+    with h5py.File(older, "a") as file:
+        assert "extras" not in file.attrs
+    old = open_results(older)
+    assert old.extra_fields is None and old.extra_keys == () and len(old) == 1

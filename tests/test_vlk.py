@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from cfx.counterfactual import VLK
+from cfx.counterfactual.search import bisection_step
 from cfx.counterfactual.vlk import (
     ClassEncodings,
-    bisection_step,
     class_prototypes,
     fit_class_encodings,
     load_prototypes,

@@ -28,6 +28,9 @@ class CounterfactualResult:
         iterations: ``(N,)`` int64, optimisation steps each sample took (0 if the query already had the target).
         path: optional ``(N, K, C, H, W)`` intermediate images recorded every few steps.
         params: the explainer that made the result, as :attr:`Explainer.params` (a fresh copy per call).
+        details: the method's own per-query outputs by name, each ``(N, ...)`` with the dtype and per-query shape
+            :meth:`Explainer.detail_fields` declares (e.g. GenerativeIntrospection's ``top_attributes``); empty for
+            a method that declares none.
     """
 
     counterfactuals: Tensor
@@ -37,6 +40,7 @@ class CounterfactualResult:
     iterations: Tensor
     path: Tensor | None = None
     params: dict = field(default_factory=dict)
+    details: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _integer_indices(
@@ -98,6 +102,15 @@ class Explainer(abc.ABC):
         arguments.pop("classifier", None)
         return {"class_path": class_path(type(self)), "init_args": describe(arguments)}
 
+    def detail_fields(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """The method's per-query outputs in :attr:`CounterfactualResult.details`: ``{name: (dtype, shape)}``.
+
+        ``shape`` is one query's (the result's tensor is ``(N, *shape)``); fixed by the explainer's settings, so a
+        result store can declare them before the first batch. None by default; a method with its own outputs
+        overrides this.
+        """
+        return {}
+
     @abc.abstractmethod
     def explain(
         self, images: Tensor, targets: Tensor | Sequence[int], indices: Tensor | Sequence[int] | None = None
@@ -155,3 +168,23 @@ class Explainer(abc.ABC):
         if indices is None:
             indices = torch.arange(count, device=device)
         return images, targets, _integer_indices(indices, "indices", count, device)
+
+
+def check_details(
+    details: dict[str, Tensor], fields: dict[str, tuple[torch.dtype, tuple[int, ...]]], count: int, method: str
+) -> None:
+    """Raise ``ValueError`` unless ``details`` are exactly the declared ``fields``, each ``(count, *shape)``.
+
+    Args:
+        details: a result's :attr:`CounterfactualResult.details`.
+        fields: the explainer's :meth:`Explainer.detail_fields`.
+        count: the result's number of queries.
+        method: the explainer's name, for the message.
+    """
+    if set(details) != set(fields):
+        raise ValueError(f"{method} declares the details {sorted(fields)} but returned {sorted(details)}")
+    for name, (dtype, shape) in fields.items():
+        value = details[name]
+        if not isinstance(value, Tensor) or value.dtype != dtype or tuple(value.shape) != (count, *shape):
+            got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"{method}'s detail {name!r} must be {dtype} {(count, *shape)}, got {got}")

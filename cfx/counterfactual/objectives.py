@@ -7,6 +7,7 @@ independent losses.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 from torch import Tensor
 from torch.nn import functional as F
@@ -32,14 +33,18 @@ def image_space_distance(images: Tensor, queries: Tensor) -> Tensor:
 
 
 def latent_space_distance(representations: Sequence[Tensor], query_representations: Sequence[Tensor]) -> Tensor:
-    """LSO semantic term ``sum_l ||Psi_l(x_bar) - Psi_l(x)||_2^2`` per query.
+    """LSO semantic term ``sum_l mean(||Psi_l(x_bar) - Psi_l(x)||^2)`` per query.
+
+    Each layer's squared distance is the mean over its entries (channels and positions), so stage maps of
+    different sizes weigh alike whatever their resolution and width (the paper's eq. 5 sums ``d(Psi_l(x_bar),
+    Psi_l(x))`` over layers without saying how each ``d`` is scaled); the layer terms are summed.
 
     Args:
         representations: the chosen classifier layers ``Psi_l`` of the candidates, each ``(Q, ...)``.
         query_representations: the same layers of the queries.
 
     Returns:
-        ``(Q,)`` squared distances summed over layers.
+        ``(Q,)`` per-entry mean squared distances summed over layers.
     """
     if len(representations) == 0 or len(representations) != len(query_representations):
         raise ValueError(
@@ -50,24 +55,35 @@ def latent_space_distance(representations: Sequence[Tensor], query_representatio
     for candidate, query in zip(representations, query_representations, strict=True):
         if candidate.shape != query.shape:
             raise ValueError(f"layer shapes differ: {tuple(candidate.shape)} vs {tuple(query.shape)}")
-        term = (candidate - query).square().flatten(1).sum(dim=1)
+        term = (candidate - query).square().flatten(1).mean(dim=1)
         total = term if total is None else total + term
     return total
 
 
-def dep_consistency(predicted_loss: Tensor, target_loss: Tensor | float) -> Tensor:
-    """DEP manifold-consistency term (eq. 8) ``|G(x_bar) - s*|`` per query.
+def dep_consistency(
+    predicted_loss: Tensor, target_loss: Tensor | float, form: Literal["absolute", "hinge"] = "absolute"
+) -> Tensor:
+    """DEP manifold-consistency term per query: ``|G(x_bar) - s*|`` (eq. 8) or ``max(0, G(x_bar) - s*)``.
+
+    The absolute form is the paper's: it pulls the predicted loss to ``s*`` from either side, so a candidate that
+    already looks more typical than ``s*`` is pushed to look less so. The one-sided hinge only penalises
+    predicted losses above ``s*``.
 
     Args:
         predicted_loss: ``(Q,)`` loss predicted by the DEP loss predictor ``G`` for the candidates.
         target_loss: the target loss ``s*`` (a low loss), a number or ``(Q,)`` one per query.
+        form: ``"absolute"`` (eq. 8) or ``"hinge"``.
 
     Returns:
-        ``(Q,)`` absolute deviations.
+        ``(Q,)`` penalties.
     """
     if predicted_loss.ndim != 1:
         raise ValueError(f"expected (Q,) predicted losses, got shape {tuple(predicted_loss.shape)}")
-    return (predicted_loss - target_loss).abs()
+    if form == "absolute":
+        return (predicted_loss - target_loss).abs()
+    if form == "hinge":
+        return (predicted_loss - target_loss).clamp(min=0)
+    raise ValueError(f"form must be 'absolute' or 'hinge', got {form!r}")
 
 
 def duq_consistency(kernel_values: Tensor, source: Tensor, target: Tensor, margin: float = 0.5) -> Tensor:

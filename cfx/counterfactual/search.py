@@ -14,7 +14,7 @@ their logits and the loss to decrease) and :meth:`~SearchExplainer.step` (the up
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,22 @@ from cfx.counterfactual.base import CounterfactualResult, Explainer
 from cfx.nn.classifier import FeatureClassifier
 from cfx.nn.evaluation import evaluation_mode
 from cfx.nn.folding import inference_copy
+
+UNBOUNDED = 1e10  # alibi's initial upper bound of a bisected weight; a bound >= 1e9 counts as "none found yet"
+
+
+def bisection_step(c: Tensor, lower: Tensor, upper: Tensor, found: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(c, lower, upper)`` after a search round: the bisection of a per-query loss weight (alibi's rules; VLK, GCI).
+
+    Found a counterfactual in the round: ``upper = min(upper, c)``, then ``c = (lower + upper) / 2``.
+    None found: ``lower = max(lower, c)``, then ``c = (lower + upper) / 2`` if an upper bound is known
+    (``upper < 1e9``), else ``c = 10 c``.
+    """
+    upper = torch.where(found, torch.minimum(upper, c), upper)
+    lower = torch.where(found, lower, torch.maximum(lower, c))
+    bounded = upper < 1e9
+    c = torch.where(bounded, (lower + upper) / 2, torch.where(found, c, 10 * c))
+    return c, lower, upper
 
 
 def target_reached(logits: Tensor, targets: Tensor, confidence: float) -> tuple[Tensor, Tensor]:
@@ -168,7 +184,9 @@ class ActiveSearch:
     A method keeps its per-row tensors in :attr:`state` (``(R, ...)``, row ``r`` belonging to query
     ``rows[r]``) and registers with :meth:`track` any optimiser, leaf parameter or module (with a
     ``select(keep)`` method, e.g. a ``BatchedGenerator``) holding per-row values (:attr:`tracked`);
-    :meth:`narrow` then indexes all of them together. Everything lives for one ``explain`` call.
+    :meth:`narrow` then indexes all of them together. The full-size :attr:`details` (``(N, ...)`` per-query
+    method outputs, :meth:`Explainer.detail_fields`) start at ``details`` (what a query finished at the start
+    gets) and :meth:`finish` writes the finished rows' values. Everything lives for one ``explain`` call.
 
     Args:
         queries: ``(N, C, H, W)`` the queries.
@@ -177,6 +195,7 @@ class ActiveSearch:
         confidence: target probability at which a row counts as reached.
         path_every: record the iterates every this many steps (``None``: no path).
         max_iterations: the search's iteration limit.
+        details: ``(N, ...)`` initial value of each per-query detail (copied; default none).
     """
 
     def __init__(
@@ -187,6 +206,7 @@ class ActiveSearch:
         confidence: float,
         path_every: int | None,
         max_iterations: int,
+        details: Mapping[str, Tensor] | None = None,
     ):
         reached, probability = target_reached(logits, targets, confidence)
         self.original_prediction = logits.argmax(dim=1)
@@ -199,6 +219,10 @@ class ActiveSearch:
         self.rows = torch.nonzero(~reached).squeeze(1)
         self.state: dict[str, Tensor] = {"targets": targets.index_select(0, self.rows)}
         self.tracked: dict[str, torch.optim.Optimizer | nn.Parameter | nn.Module] = {}
+        self.details: dict[str, Tensor] = {name: value.clone() for name, value in (details or {}).items()}
+        short = {name: tuple(value.shape) for name, value in self.details.items() if len(value) != len(queries)}
+        if short:
+            raise ValueError(f"details must have one row per query ({len(queries)}), got shapes {short}")
 
     @property
     def targets(self) -> Tensor:
@@ -230,6 +254,7 @@ class ActiveSearch:
         success: Tensor,
         target_probability: Tensor,
         counterfactuals: Tensor | None = None,
+        details: Mapping[str, Tensor] | None = None,
     ) -> None:
         """Write the outputs of the active rows where ``done`` into the full-size results.
 
@@ -240,6 +265,7 @@ class ActiveSearch:
             success: ``(R,)`` whether each row found a counterfactual.
             target_probability: ``(R,)`` the target probability at each row's counterfactual.
             counterfactuals: ``(R, C, H, W)`` the returned images (default ``iterates``).
+            details: ``(R, ...)`` the rows' values of some of :attr:`details` (the others keep their values).
         """
         finished = self.rows[done]
         self.last_iterates[finished] = iterates[done].detach()
@@ -247,6 +273,10 @@ class ActiveSearch:
         self.success[finished] = success[done]
         self.target_probability[finished] = target_probability[done]
         self.iterations[finished] = iteration
+        for name, value in (details or {}).items():
+            if name not in self.details:
+                raise KeyError(f"no detail {name!r} in this search (it has {sorted(self.details)})")
+            self.details[name][finished] = value[done].detach().to(self.details[name].dtype)
 
     @torch.no_grad()
     def narrow(self, keep: Tensor, tensors: Sequence[Tensor | None] = ()) -> list[Tensor | None]:
@@ -287,6 +317,7 @@ class ActiveSearch:
             iterations=self.iterations,
             path=self.recorder.finish(self.last_iterates, self.iterations),
             params=params,
+            details=dict(self.details),
         )
 
 
@@ -353,6 +384,17 @@ class SearchExplainer(Explainer):
         """Modules besides the classifier that the search evaluates (kept in eval mode, moved to the queries)."""
         return []
 
+    def initial_details(self, queries: Tensor, targets: Tensor, indices: Tensor) -> dict[str, Tensor]:
+        """The ``(N, ...)`` details of every query before the search: what a query finished at the start keeps.
+
+        Called in eval mode without gradients. By default zeros of each :meth:`~Explainer.detail_fields` entry
+        (none for most methods); a method with details overrides this to say what an unchanged query reports.
+        """
+        return {
+            name: torch.zeros(len(queries), *shape, dtype=dtype, device=queries.device)
+            for name, (dtype, shape) in self.detail_fields().items()
+        }
+
     def search_input(self, images: Tensor) -> Tensor:
         """``images`` in the memory layout :attr:`search_network` expects (channels-last if so configured)."""
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
@@ -413,7 +455,11 @@ class SearchExplainer(Explainer):
                 logits = self.search_network(self.search_input(queries))
             else:
                 logits = queries.new_zeros(0, self.classifier.num_classes)
-        search = ActiveSearch(queries, targets, logits, self.confidence, self.path_every, self.max_iterations)
+        with torch.no_grad():
+            details = self.initial_details(queries, targets, indices)
+        search = ActiveSearch(
+            queries, targets, logits, self.confidence, self.path_every, self.max_iterations, details=details
+        )
         if len(search.rows) > 0:
             with torch.enable_grad():
                 self._run(search, queries.index_select(0, search.rows), indices.index_select(0, search.rows))

@@ -23,13 +23,19 @@ import torch
 from torch import Tensor, nn
 
 from cfx.counterfactual.revise import check_image_model, check_images_fit
-from cfx.counterfactual.search import ActiveSearch, Evaluation, SearchExplainer, target_reached
+from cfx.counterfactual.search import (
+    UNBOUNDED,
+    ActiveSearch,
+    Evaluation,
+    SearchExplainer,
+    bisection_step,
+    target_reached,
+)
 from cfx.io import atomic_torch_save
 from cfx.nn.classifier import FeatureClassifier
 from cfx.nn.evaluation import evaluation_mode
 
 FILE_FORMAT = "cfx.class_encodings.v1"
-UNBOUNDED = 1e10  # alibi's initial upper bound of c; a bound >= 1e9 counts as "none found yet"
 
 
 def class_prototypes(codes: Tensor, targets: Tensor, encodings: Tensor, labels: Tensor, k: int) -> Tensor:
@@ -202,20 +208,6 @@ def shrink(values: Tensor, origin: Tensor, threshold: float) -> Tensor:
     difference = values - origin
     shrunk = values - threshold * difference.sign()
     return torch.where(difference.abs() <= threshold, origin, shrunk)
-
-
-def bisection_step(c: Tensor, lower: Tensor, upper: Tensor, found: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The update of the prediction weight ``c`` after a c-step (alibi's rules), per query: ``(c, lower, upper)``.
-
-    Found a counterfactual in the c-step: ``upper = min(upper, c)``, then ``c = (lower + upper) / 2``.
-    None found: ``lower = max(lower, c)``, then ``c = (lower + upper) / 2`` if an upper bound is known
-    (``upper < 1e9``), else ``c = 10 c``.
-    """
-    upper = torch.where(found, torch.minimum(upper, c), upper)
-    lower = torch.where(found, lower, torch.maximum(lower, c))
-    bounded = upper < 1e9
-    c = torch.where(bounded, (lower + upper) / 2, torch.where(found, c, 10 * c))
-    return c, lower, upper
 
 
 class VLK(SearchExplainer):

@@ -1,8 +1,9 @@
 """Base DataModule: seeded stratified splits, class subsets / binary relabelling, indexed dict samples.
 
 Every sample is a dict ``{"image": float C x H x W in [0, 1], "label": int64, "index": int64}`` (plus
-``"attributes"`` where the data set has them). ``index`` is the sample's position in the whole data set, so
-anything seeded per sample (counterfactual queries, random targets) is independent of batching and devices.
+``"attributes"`` where the data set has them, and ``"morphometrics"`` with Morpho-MNIST attributes). ``index`` is
+the sample's position in the whole data set, so anything seeded per sample (counterfactual queries, random
+targets) is independent of batching and devices.
 """
 
 from __future__ import annotations
@@ -17,8 +18,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from cfx.data.morphometrics import MORPHOMETRIC_ATTRIBUTE_NAMES, binarise, cached_morphometrics
+
 SPLITS = ("train", "val", "test")
 TRAIN, VAL, TEST, UNASSIGNED = 0, 1, 2, -1
+ATTRIBUTE_SOURCES = (None, "morphometric")
+
+
+def default_cache_dir() -> Path:
+    """``$CFX_CACHE`` or else ``~/.cache/cfx``: where cfx keeps what it derives from data sets."""
+    return Path(os.environ.get("CFX_CACHE") or Path.home() / ".cache" / "cfx")
 
 
 class LabelledImages(Dataset, abc.ABC):
@@ -26,13 +35,19 @@ class LabelledImages(Dataset, abc.ABC):
 
     Subclasses set ``labels`` (``(N,)`` int64), optionally ``attributes`` (``(N, A)`` 0/1 float),
     ``attribute_names`` and ``predefined_split`` (``(N,)`` int8 of TRAIN / VAL / TEST / UNASSIGNED), and
-    implement :meth:`load_image` returning a uint8 ``C x H x W`` tensor.
+    implement :meth:`load_image` returning a uint8 ``C x H x W`` tensor. A DataModule with
+    ``attributes="morphometric"`` sets ``morphometrics`` (``(N, 6)`` float64) and replaces ``attributes``.
     """
 
     labels: Tensor
     attributes: Tensor | None = None
     attribute_names: tuple[str, ...] = ()
+    morphometrics: Tensor | None = None
     predefined_split: Tensor | None = None
+
+    def all_images(self) -> Tensor:
+        """Every image as one uint8 ``N x C x H x W`` tensor (loaded one at a time; override when held in memory)."""
+        return torch.stack([self.load_image(index) for index in range(len(self))])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -71,6 +86,9 @@ class TensorImages(LabelledImages):
     def load_image(self, index: int) -> Tensor:
         return self.images[index]
 
+    def all_images(self) -> Tensor:
+        return self.images
+
 
 class IndexedSamples(Dataset):
     """The samples of one split: dict items with a float image, the (relabelled) label and the source index."""
@@ -96,6 +114,8 @@ class IndexedSamples(Dataset):
         }
         if self.source.attributes is not None:
             sample["attributes"] = self.source.attributes[index]
+        if self.source.morphometrics is not None:
+            sample["morphometrics"] = self.source.morphometrics[index].float()
         return sample
 
 
@@ -198,6 +218,14 @@ class ImageDataModule(L.LightningDataModule, abc.ABC):
         pin_memory: pin loader memory (for GPUs).
         shuffle_seed: seed of the training order, which is a pure function of (seed, epoch) (default: the seed
             of ``seed_everything``, as Lightning's own distributed sampler, else 0).
+        attributes: the samples' ``"attributes"``. ``None``: the data set's own, if it has any (CelebA's 40).
+            ``"morphometric"``: Morpho-MNIST's measurements of each (grey) image, see
+            :mod:`cfx.data.morphometrics`: samples carry the continuous ``"morphometrics"`` ``(6,)`` and the
+            binarised ``"attributes"`` ``(6,)`` named :data:`~cfx.data.morphometrics.MORPHOMETRIC_ATTRIBUTE_NAMES`,
+            1 where a value is above the median of the sample's class over the training split (so they depend
+            on ``split_seed`` and the fractions; classes dropped by ``classes`` use the median of all their
+            samples). The measurements are computed once per data set and cached in
+            :attr:`morphometrics_cache_dir`, keyed by a digest of the images.
     """
 
     def __init__(
@@ -214,8 +242,11 @@ class ImageDataModule(L.LightningDataModule, abc.ABC):
         predict_split: str = "test",
         pin_memory: bool = False,
         shuffle_seed: int | None = None,
+        attributes: str | None = None,
     ):
         super().__init__()
+        if attributes not in ATTRIBUTE_SOURCES:
+            raise ValueError(f"attributes must be one of {ATTRIBUTE_SOURCES}, got {attributes!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if predict_split not in SPLITS:
@@ -234,6 +265,7 @@ class ImageDataModule(L.LightningDataModule, abc.ABC):
         self.predict_split = predict_split
         self.pin_memory = pin_memory
         self.shuffle_seed = shuffle_seed
+        self.attributes = attributes
         self._source: LabelledImages | None = None
         self._splits: dict[str, IndexedSamples] = {}
         self._split_limits: dict[str, int] = {}
@@ -262,6 +294,61 @@ class ImageDataModule(L.LightningDataModule, abc.ABC):
     @abc.abstractmethod
     def load_source(self) -> LabelledImages:
         """Read the whole data set (labels now, images in memory or on demand)."""
+
+    @property
+    def morphometrics_cache_dir(self) -> Path:
+        """The folder of the morphometrics cache (default ``$CFX_CACHE`` or ``~/.cache/cfx``)."""
+        return default_cache_dir()
+
+    # -- attributes -------------------------------------------------------------------------------------
+    @property
+    def attribute_names(self) -> tuple[str, ...]:
+        """The names of the samples' ``"attributes"`` (empty if they have none).
+
+        Known without loading data for ``attributes="morphometric"``; otherwise read from the data set (set up
+        on first use).
+        """
+        if self.attributes == "morphometric":
+            return MORPHOMETRIC_ATTRIBUTE_NAMES
+        self.setup()
+        return tuple(self._source.attribute_names)
+
+    def attribute_table(self) -> Tensor:
+        """Every sample's ``"attributes"`` by dataset index: ``(len(data set), A)`` float32 of 0 / 1.
+
+        Raises:
+            ValueError: the samples have no attributes.
+        """
+        self.setup()
+        if self._source.attributes is None:
+            raise ValueError(
+                f"{type(self).__name__} has no attributes of its own; pass attributes='morphometric' for "
+                "Morpho-MNIST's measured ones"
+            )
+        return self._source.attributes.float()
+
+    def morphometric_table(self) -> Tensor:
+        """Every sample's continuous ``"morphometrics"`` by dataset index: ``(len(data set), 6)`` float64.
+
+        Raises:
+            ValueError: the DataModule was not built with ``attributes="morphometric"``.
+        """
+        if self.attributes != "morphometric":
+            raise ValueError(f"{type(self).__name__} measures morphometrics only with attributes='morphometric'")
+        self.setup()
+        return self._source.morphometrics
+
+    def _add_morphometrics(self, source: LabelledImages, codes: Tensor) -> None:
+        """Measure (or read from the cache) and binarise ``source``'s morphometrics in place."""
+        if self.in_channels != 1:
+            raise ValueError(
+                f"{type(self).__name__}: attributes='morphometric' measures grey digits (1 channel), but the "
+                f"images have {self.in_channels} channels"
+            )
+        values = cached_morphometrics(source.all_images(), self.morphometrics_cache_dir)
+        source.morphometrics = values
+        source.attributes = binarise(values, source.labels, codes == TRAIN)
+        source.attribute_names = MORPHOMETRIC_ATTRIBUTE_NAMES
 
     # -- splits -----------------------------------------------------------------------------------------
     def _label_map(self) -> Tensor:
@@ -300,6 +387,8 @@ class ImageDataModule(L.LightningDataModule, abc.ABC):
             return
         source = self.load_source()
         codes = self.split_codes(source)
+        if self.attributes == "morphometric":
+            self._add_morphometrics(source, codes)
         label_map = self._label_map()
         for code, name in enumerate(SPLITS):
             transform = self.train_transform if name == "train" else self.eval_transform

@@ -9,7 +9,9 @@ run's store (``cfx.results.open_results``; one run per method, all of the same q
 - histograms of L0, L1 and iterations per method (successful pairs);
 - one row per (query, target) pair: query | per method its counterfactual and ``|difference|`` heat map, each
   labelled; a failed search's last iterate is framed in red;
-- the optimisation path of each shown pair as a strip, for every run that recorded one.
+- the optimisation path of each shown pair as a strip, for every run that recorded one; for a method that edits
+  named attributes or latent dimensions (``GenerativeIntrospection``: the ``top_attributes`` and
+  ``attribute_change`` extras) the most-changed ones are named under the strip with their change.
 
 A folder written by ``cfx-report`` holds a manifest (``cfx-report.json``); only such a folder (or an empty or
 missing one) is replaced by a new report.
@@ -265,10 +267,12 @@ def _write_pictures_and_page(runs: Sequence[Run], folder: Path, max_pairs: int, 
         if "path" not in run.results.image_keys or max_paths == 0:
             continue
         present = (positions[run.name] >= 0).nonzero().flatten()[:max_paths]
-        stored = run.results.images("path", run.rows[positions[run.name][present]])
+        rows = run.rows[positions[run.name][present]]
+        stored = run.results.images("path", rows)
+        changes = attribute_changes(run.results, rows)
         paths[run.name] = [
-            (shown, save(path_strip(strip, min_size=min_size // 2), f"paths/{shown:04d}_{number}.png"))
-            for shown, strip in zip(present.tolist(), stored, strict=True)
+            (shown, save(path_strip(strip, min_size=min_size // 2), f"paths/{shown:04d}_{number}.png"), change)
+            for shown, strip, change in zip(present.tolist(), stored, changes, strict=True)
         ]
     files.append(_histograms(runs, folder / "histograms.png"))
     scale = save(colormap_bar(), "scale.png")
@@ -276,6 +280,24 @@ def _write_pictures_and_page(runs: Sequence[Run], folder: Path, max_pairs: int, 
     (folder / "index.html").write_text(page)
     files.append("index.html")
     return files
+
+
+def attribute_changes(results: Results, rows: Tensor) -> list[str]:
+    """Per row, the most-changed attributes with their signed change, e.g. ``"thick +0.62, wide -0.31"``.
+
+    Read from the ``top_attributes`` and ``attribute_change`` extras (``GenerativeIntrospection``); the names come
+    from the metadata's ``attribute_names`` (latent dimensions are named ``z<i>``). Empty strings for a store
+    without these extras.
+    """
+    if not {"top_attributes", "attribute_change"} <= set(results.extra_keys) or not len(rows):
+        return [""] * len(rows)
+    top = results.extra("top_attributes", rows)
+    change = results.extra("attribute_change", rows).gather(1, top)
+    names = results.metadata.get("attribute_names") or [f"z{i}" for i in range(int(top.max()) + 1)]
+    return [
+        ", ".join(f"{names[i]} {value:+.2f}" for i, value in zip(indices.tolist(), values.tolist(), strict=True))
+        for indices, values in zip(top, change, strict=True)
+    ]
 
 
 def _histograms(runs: Sequence[Run], path: Path) -> str:
@@ -319,7 +341,7 @@ def _page(
     pairs: Tensor,
     tiles: dict[int, dict[str, Any]],
     captions: dict[int, dict[str, dict[str, list[str]]]],
-    paths: dict[str, list[tuple[int, str]]],
+    paths: dict[str, list[tuple[int, str, str]]],
     scale: str,
 ) -> str:
     """The HTML of the report (inline style, no scripts, every picture a file beside it)."""
@@ -374,10 +396,11 @@ def _page(
         parts.append("<h2>Optimisation paths</h2><p>From the query (left) to the last iterate (right).</p>")
         for name, strips in paths.items():
             parts.append(f"<h3>{escape(name)}</h3>")
-            for shown, strip in strips:
+            for shown, strip, change in strips:
                 index, target = pairs[shown].tolist()
                 picture = f'<img src="{strip}" alt="{escape(name)} path {shown}">'
-                parts.append(f"<p>query #{index} &rarr; target {target}<br>{picture}</p>")
+                changed = f"<br>most changed: {escape(change)}" if change else ""
+                parts.append(f"<p>query #{index} &rarr; target {target}<br>{picture}{changed}</p>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 

@@ -3,11 +3,13 @@
 Layout of ``results.h5`` (a format / version attribute marks it as a cfx store)::
 
     /                  attrs: format = "cfx.results", version, metadata (JSON: what made the results),
-                              columns (JSON: the per-pair record keys), rows (pairs committed), finished
+                              columns (JSON: the per-pair record keys), extras (JSON: the declared extras'
+                              dtypes and per-pair shapes; absent in older stores), rows (pairs committed), finished
     /pairs/<key>       (rows,) one dataset per record entry of PAIR_SCHEMA, in its schema dtype
     /images/originals  (rows, C, H, W) the queries; attr encoding = "uint8" (exact k/255 values) or "float16"
     /images/counterfactuals, /images/path (rows, K, C, H, W, only when the explainer recorded a path)
-    /extras/<name>     (rows, ...) method-specific per-pair tensors
+    /extras/<name>     (rows, ...) method-specific per-pair tensors: an explainer's ``details`` (e.g.
+                       GenerativeIntrospection's ``top_attributes``), declared when the store is made
 
 Every dataset is chunked, compressed and resizable. A batch is appended, flushed, and only then counted in
 ``rows``: a run killed mid-batch leaves the rows before it intact, and readers trust only committed rows.
@@ -42,8 +44,32 @@ STORE_FILENAME = "results.h5"
 IMAGE_KEYS = ("originals", "counterfactuals")
 _CHUNK_BYTES = 1 << 20  # ~1 MiB chunks of image rows
 _COPY_ROWS_BYTES = 64 << 20  # merge / migrate in pieces of about this size: memory stays bounded
+EXTRA_DTYPES = (
+    torch.float16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
+    torch.bool,
+)  # fmt: skip
+
+ExtraFields = Mapping[str, tuple[torch.dtype, tuple[int, ...]]]
 
 Rows = slice | int | Sequence[int] | Tensor | np.ndarray | None
+
+
+def _encode_extra_fields(fields: ExtraFields) -> str:
+    """The declared extras as JSON: ``{name: {"dtype": "int64", "shape": [5]}}``; ``ValueError`` if unstorable."""
+    encoded = {}
+    for name, (dtype, shape) in fields.items():
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"an extra's name must be a non-empty string without '/', got {name!r}")
+        if dtype not in EXTRA_DTYPES:
+            raise ValueError(f"extra {name!r}: dtype must be one of {[str(d) for d in EXTRA_DTYPES]}, got {dtype}")
+        if not all(isinstance(size, int) and size >= 0 for size in shape):
+            raise ValueError(f"extra {name!r}: shape must be non-negative integers, got {shape}")
+        encoded[name] = {"dtype": str(dtype).removeprefix("torch."), "shape": [int(size) for size in shape]}
+    return json.dumps(encoded)
+
+
+def _decode_extra_fields(text: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    return {name: (getattr(torch, field["dtype"]), tuple(field["shape"])) for name, field in json.loads(text).items()}
 
 
 def store_path(path: str | Path) -> Path:
@@ -82,7 +108,8 @@ def _read_attributes(path: Path) -> dict[str, Any]:
         attributes["columns"] = tuple(json.loads(attributes["columns"]))
         attributes["rows"] = int(attributes["rows"])
         attributes["finished"] = bool(attributes["finished"])
-    except (KeyError, TypeError, ValueError) as error:
+        attributes["extras"] = _decode_extra_fields(attributes["extras"]) if "extras" in attributes else None
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ValueError(f"{path} is a corrupt cfx result store (its attributes: {error})") from error
     attributes["datasets"] = datasets
     return attributes
@@ -126,7 +153,9 @@ class Results:
         finished: the run completed and the store was sorted.
         image_keys: the image datasets stored: ``("originals", "counterfactuals")``, plus ``"path"`` when the
             explainer recorded one.
-        extra_keys: names of the method-specific per-pair extras.
+        extra_keys: names of the method-specific per-pair extras (an explainer's ``details``).
+        extra_fields: the declared extras, ``{name: (dtype, per-pair shape)}`` (``None`` for an older store that
+            declared none: its extras are the datasets it holds).
         encodings: image dataset name -> ``"uint8"`` (stored as ``k/255`` exactly) or ``"float16"``.
     """
 
@@ -141,7 +170,9 @@ class Results:
         self.image_keys: tuple[str, ...] = tuple(
             key for key in (*IMAGE_KEYS, "path") if key in datasets.get("images", ())
         )
-        self.extra_keys: tuple[str, ...] = tuple(datasets.get("extras", ()))
+        self.extra_fields: dict[str, tuple[torch.dtype, tuple[int, ...]]] | None = attributes["extras"]
+        declared = self.extra_fields
+        self.extra_keys: tuple[str, ...] = tuple(datasets.get("extras", ()) if declared is None else declared)
         stored_columns = datasets.get("pairs", [])
         missing = [key for key in self.columns if key not in stored_columns]
         if self._rows and (missing or not set(IMAGE_KEYS) <= set(self.image_keys)):
@@ -304,11 +335,26 @@ class StoreWriter:
         self.path = Path(path)
         attributes = _read_attributes(self.path)
         self.columns: tuple[str, ...] = attributes["columns"]
+        self.extra_fields: dict[str, tuple[torch.dtype, tuple[int, ...]]] | None = attributes["extras"]
         self.rows: int = attributes["rows"]
 
     @classmethod
-    def create(cls, path: str | Path, metadata: Mapping[str, Any], columns: Sequence[str]) -> StoreWriter:
-        """Write an empty store (atomically) with the run's ``metadata`` and record ``columns``, and open it."""
+    def create(
+        cls,
+        path: str | Path,
+        metadata: Mapping[str, Any],
+        columns: Sequence[str],
+        extras: ExtraFields | None = None,
+    ) -> StoreWriter:
+        """Write an empty store (atomically) with the run's ``metadata``, record ``columns`` and extras, and open it.
+
+        Args:
+            path: the store file.
+            metadata: what made the results (plain values).
+            columns: the per-pair record keys, in ``PAIR_SCHEMA`` order.
+            extras: the per-pair extras every batch must give, ``{name: (dtype, per-pair shape)}`` (an explainer's
+                ``detail_fields()``); ``None`` declares none and lets the first batch decide (older behaviour).
+        """
         unknown = sorted(set(columns) - set(PAIR_SCHEMA))
         if unknown:
             raise ValueError(f"store columns must be PAIR_SCHEMA entries {list(PAIR_SCHEMA)}, got {unknown}")
@@ -324,6 +370,12 @@ class StoreWriter:
                     rows=0,
                     finished=False,
                 )
+                if extras is not None:
+                    file.attrs["extras"] = _encode_extra_fields(extras)
+                    group = file.create_group("extras")
+                    for name, (dtype, shape) in extras.items():
+                        empty = torch.zeros(0, *shape, dtype=dtype).numpy()
+                        _create_dataset(group, name, empty, rows=0)
         return cls(path)
 
     @classmethod
@@ -347,9 +399,12 @@ class StoreWriter:
             extras: further per-pair tensors ``(P, ...)``, e.g. a method's latent codes: one dataset each.
 
         Raises:
-            ValueError: the record's keys are not the store's columns, or a tensor has not ``P`` rows.
+            ValueError: the record's keys are not the store's columns, a tensor has not ``P`` rows, or the extras
+                are not the declared ones (names, dtypes, per-pair shapes).
         """
         size = check_record(record)
+        if self.extra_fields is not None:
+            self._check_extras(dict(extras or {}))
         if tuple(key for key in record if key in PAIR_SCHEMA) != self.columns:
             raise ValueError(f"{self.path} stores the record entries {list(self.columns)}, got {list(record)}")
         groups = {
@@ -376,6 +431,15 @@ class StoreWriter:
             file.attrs["rows"] = self.rows  # ... then the count that makes readers trust it
             file.flush()
 
+    def _check_extras(self, extras: dict[str, Tensor]) -> None:
+        if set(extras) != set(self.extra_fields):
+            raise ValueError(f"{self.path} stores the extras {sorted(self.extra_fields)}, got {sorted(extras)}")
+        for name, (dtype, shape) in self.extra_fields.items():
+            value = extras[name]
+            if not isinstance(value, Tensor) or value.dtype != dtype or tuple(value.shape[1:]) != shape:
+                got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"{self.path} stores the extra {name!r} as {dtype} (P, {shape}), got {got}")
+
     def _append_dataset(self, group: h5py.Group, key: str, value: Tensor | np.ndarray, image: bool) -> None:
         if isinstance(value, Tensor):
             value = value.detach().cpu()
@@ -384,17 +448,7 @@ class StoreWriter:
                 encoded = value.to(torch.float16).numpy()
             value = encoded if image else value.numpy()
         if key not in group:
-            row_bytes = max(1, value[0:1].nbytes)
-            group.create_dataset(
-                key,
-                shape=(self.rows, *value.shape[1:]),
-                maxshape=(None, *value.shape[1:]),
-                dtype=value.dtype,
-                chunks=(max(1, min(4096, _CHUNK_BYTES // row_bytes)), *value.shape[1:]),
-                compression="gzip",
-                compression_opts=4,
-                shuffle=value.dtype.itemsize > 1,
-            )
+            _create_dataset(group, key, value, self.rows)
             if image:
                 group[key].attrs["encoding"] = "uint8" if value.dtype == np.uint8 else "float16"
         dataset = group[key]
@@ -433,6 +487,21 @@ class StoreWriter:
         group.move(f"{key}.float16", key)
 
 
+def _create_dataset(group: h5py.Group, key: str, value: np.ndarray, rows: int) -> None:
+    """A resizable, chunked, compressed dataset of ``rows`` rows shaped and typed like ``value``'s rows."""
+    row_bytes = max(1, int(np.prod(value.shape[1:], dtype=np.int64)) * value.dtype.itemsize)
+    group.create_dataset(
+        key,
+        shape=(rows, *value.shape[1:]),
+        maxshape=(None, *value.shape[1:]),
+        dtype=value.dtype,
+        chunks=(max(1, min(4096, _CHUNK_BYTES // row_bytes)), *value.shape[1:]),
+        compression="gzip",
+        compression_opts=4,
+        shuffle=value.dtype.itemsize > 1,
+    )
+
+
 def finish_store(path: str | Path) -> None:
     """Mark a store finished (its rows are complete and sorted by ``(index, target)``)."""
     with h5py.File(path, "a") as file:
@@ -457,10 +526,11 @@ def merge_stores(sources: Sequence[Results], destination: str | Path, metadata: 
     Raises:
         ValueError: the sources store different columns, images or extras, or share a pair.
     """
-    if len({(s.columns, s.image_keys, s.extra_keys) for s in sources if len(s)}) > 1:
+    declared = {json.dumps({k: str(v) for k, v in (s.extra_fields or {}).items()}) for s in sources}
+    if len({(s.columns, s.image_keys, s.extra_keys) for s in sources if len(s)}) > 1 or len(declared) > 1:
         raise ValueError(
             "cannot merge stores with different columns, images or extras: "
-            + ", ".join(f"{s.path}: {s.columns} {s.image_keys} {s.extra_keys}" for s in sources)
+            + ", ".join(f"{s.path}: {s.columns} {s.image_keys} {s.extra_fields or s.extra_keys}" for s in sources)
         )
     filled = [source for source in sources if len(source)] or list(sources[:1])
     columns = filled[0].columns if filled else ()
@@ -480,7 +550,7 @@ def merge_stores(sources: Sequence[Results], destination: str | Path, metadata: 
     origin, row = origin[order], row[order]
     destination = Path(destination)
     with atomic_path(destination) as temporary:
-        writer = StoreWriter.create(temporary, metadata, columns)
+        writer = StoreWriter.create(temporary, metadata, columns, filled[0].extra_fields if filled else None)
         images_per_row = sum(
             int(np.prod(filled[0].images(key, slice(0, 1)).shape)) for key in filled[0].image_keys if len(filled[0])
         )

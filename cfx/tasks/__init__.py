@@ -1,5 +1,6 @@
 """LightningModules: thin training / evaluation wrappers around the pure-torch models in cfx.nn."""
 
+from cfx.tasks.attgan import AttGANTask
 from cfx.tasks.base import CfxTask
 from cfx.tasks.classification import (
     ClassificationTask,
@@ -16,6 +17,7 @@ from cfx.tasks.duq import DUQTask, load_duq_classifier
 from cfx.tasks.generative import AutoencoderTask, GANTask, VAETask, load_generative
 
 __all__ = [
+    "AttGANTask",
     "AutoencoderTask",
     "CfxTask",
     "ClassificationTask",

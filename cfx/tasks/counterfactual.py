@@ -27,18 +27,20 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from cfx.counterfactual.base import Explainer
+from cfx.counterfactual.base import Explainer, check_details
 from cfx.counterfactual.vlk import ClassEncodings, load_prototypes
 from cfx.io import atomic_write_text, file_facts
 from cfx.metrics.functional.anogan import ANOGAN_KEYS, anogan_score, check_anogan_settings
 from cfx.metrics.functional.counterfactual import (
     ORACLE_KEYS,
+    PAIR_SCHEMA,
     PairInputs,
     feature_nll,
     measure_pairs,
     oracle_measures,
     record_keys,
 )
+from cfx.nn.attgan import AttGAN
 from cfx.nn.classifier import FeatureClassifier
 from cfx.nn.gaussian import ClassGaussians
 from cfx.nn.generative import GAN, ConvAutoencoder, ConvVAE
@@ -58,6 +60,7 @@ from cfx.seeding import per_sample_seed
 from cfx.tasks.base import CfxTask
 from cfx.tasks.classification import check_data_matches, load_classifier
 from cfx.tasks.ddu import load_classifier_and_gaussians
+from cfx.tasks.dep import target_loss_quantiles
 from cfx.tasks.generative import check_image_data_matches, load_generative
 from cfx.tasks.prototypes import PROTOTYPES_FILENAME
 
@@ -81,6 +84,8 @@ RESUME_IGNORES = (  # metadata a resumed run may change: where things are (their
     "explainer.init_args.vae",
     "explainer.init_args.autoencoder",
     "explainer.init_args.prototypes",
+    "explainer.init_args.generator",
+    "explainer.init_args.attgan",
     "cfx_version",
 )
 
@@ -122,18 +127,38 @@ AUXILIARIES = {  # explainer argument -> what the task hands it (see Counterfact
         "generative",
         f"an AutoencoderTask checkpoint with the class prototypes fitted for it ({PROTOTYPES_FILENAME}) beside it",
     ),
+    "generator": Auxiliary(
+        "a GAN generator", "the generator is", "generative", "a GANTask checkpoint (`cfx fit -c configs/gan/...`)"
+    ),
+    "attgan": Auxiliary(
+        "an AttGAN", "the AttGAN is", "generative", "an AttGANTask checkpoint (`cfx fit -c configs/attgan/...`)"
+    ),
+    "attribute_table": Auxiliary(
+        "an attribute table",
+        "the attribute table is",
+        "data",
+        "a DataModule with attributes (e.g. `attributes: morphometric`), handed with an AttGAN",
+    ),
 }
-GENERATIVE_AUXILIARIES = ("vae", "autoencoder", "prototypes")
+GENERATIVE_AUXILIARIES = ("vae", "autoencoder", "prototypes", "generator", "attgan")
+GENERATIVE_MODELS = {  # the model classes a `generative:` checkpoint may hold, and the task that trains each
+    ConvVAE: "a VAETask",
+    ConvAutoencoder: "an AutoencoderTask",
+    GAN: "a GANTask",
+    AttGAN: "an AttGANTask",
+}
 
 
 class ExplainerFactory(Protocol):
     """What builds the explainer: ``{class_path: ..., init_args: {...}}`` in YAML, or any callable in Python.
 
     The task calls it with the classifier, and with each auxiliary of :data:`AUXILIARIES` the explainer class
-    takes as an argument: ``gaussians=`` (the task's class Gaussians), ``vae=`` or ``autoencoder=`` (the model of
-    the task's ``generative`` checkpoint) and ``prototypes=`` (the class prototypes beside that checkpoint). A
-    config therefore never names them in the explainer (the CLI does not offer ``explainer.init_args.gaussians``
-    and the like).
+    takes as an argument: ``gaussians=`` (the task's class Gaussians), ``vae=``, ``autoencoder=`` or ``attgan=``
+    (the model of the task's ``generative`` checkpoint), ``generator=`` (the generator of a GAN checkpoint),
+    ``prototypes=`` (the class prototypes beside an autoencoder checkpoint) and ``attribute_table=`` (the data's
+    ``attribute_table()``, with an AttGAN, when the data has attributes: handed at ``setup``, when the data is
+    known). A config therefore never names them in the explainer (the CLI does not offer
+    ``explainer.init_args.gaussians`` and the like).
     """
 
     def __call__(
@@ -144,6 +169,9 @@ class ExplainerFactory(Protocol):
         vae: nn.Module | None = None,
         autoencoder: nn.Module | None = None,
         prototypes: ClassEncodings | None = None,
+        generator: nn.Module | None = None,
+        attgan: AttGAN | None = None,
+        attribute_table: Tensor | None = None,
     ) -> Explainer:
         """Build the explainer of ``classifier``."""
 
@@ -203,7 +231,9 @@ class CounterfactualTask(CfxTask):
             (see :class:`ExplainerFactory`).
         targets: ``"others"`` (every class but the query's class: the DeDUCE protocol), ``"fixed"``
             (``target_class``), ``"mapping"`` (``target_mapping[query class]``; unmapped queries are skipped) or
-            ``"random"`` (one class other than the query's, seeded by ``seed`` and the query's dataset index).
+            ``"random"`` (one class other than the query's, seeded by ``seed`` and the query's dataset index) or
+            ``"own"`` (the query's class itself: prototypes, e.g. GenerativeIntrospection's ``kind: prototype``;
+            the one mode whose pairs keep a target equal to the prediction).
         target_class: the target of ``"fixed"``.
         target_mapping: the class map of ``"mapping"``.
         query_class: what a query's class is: the classifier's ``"prediction"`` or the data's ``"label"``.
@@ -211,10 +241,14 @@ class CounterfactualTask(CfxTask):
         gaussians: path of class Gaussians of the classifier (``class_gaussians.pt``): adds the feature NLL of
             each counterfactual under its target class (realism), and an explainer that takes ``gaussians``
             (DeDUCE) is built with them.
-        generative: path of a VAETask or AutoencoderTask checkpoint (:func:`~cfx.tasks.load_generative`) whose
-            model fits the classifier's images: an explainer that takes ``vae`` (REVISE) or ``autoencoder`` (VLK)
-            is built with it, and one that takes ``prototypes`` (VLK) with the class prototypes in
-            ``class_prototypes.pt`` beside the checkpoint (``cfx.counterfactual.vlk.load_prototypes``).
+        generative: path of a VAETask, AutoencoderTask, GANTask or AttGANTask checkpoint
+            (:func:`~cfx.tasks.load_generative`) whose model fits the classifier's images: an explainer that takes
+            ``vae`` (REVISE), ``autoencoder`` (VLK), ``generator`` (the GAN's generator: GenerativeIntrospection's
+            latent mode) or ``attgan`` (its attribute mode) is built with it, one that takes ``prototypes`` (VLK)
+            with the class prototypes in ``class_prototypes.pt`` beside the checkpoint
+            (``cfx.counterfactual.vlk.load_prototypes``), and one that takes ``attribute_table`` together with an
+            AttGAN gets the data's ``attribute_table()`` (each query's own attributes by dataset index) when the
+            data has attributes; their names go into the results' metadata (``attribute_names``).
         output_dir: where the results go (default ``<trainer.default_root_dir>/counterfactual/<explainer class>``).
         max_queries: use only the first ``max_queries`` queries of the split (in split order; only they are
             loaded).
@@ -246,7 +280,7 @@ class CounterfactualTask(CfxTask):
         self,
         classifier: str,
         explainer: ExplainerFactory,
-        targets: Literal["others", "fixed", "mapping", "random"] = "others",
+        targets: Literal["others", "fixed", "mapping", "random", "own"] = "others",
         target_class: int | None = None,
         target_mapping: dict[int, int] | None = None,
         query_class: Literal["prediction", "label"] = "prediction",
@@ -286,7 +320,7 @@ class CounterfactualTask(CfxTask):
         check_anogan_settings(self.realism_options)
         self.realism_model = None if realism is None else self._checked_model(realism, "realism", (GAN,))
         self.generative_model = (
-            None if generative is None else self._checked_model(generative, "generative", (ConvVAE, ConvAutoencoder))
+            None if generative is None else self._checked_model(generative, "generative", tuple(GENERATIVE_MODELS))
         )
         self.files = {
             "classifier": file_facts(classifier),
@@ -296,6 +330,11 @@ class CounterfactualTask(CfxTask):
             "generative": None if generative is None else file_facts(generative),
             "prototypes": None,  # set when the explainer takes them
         }
+        self._factory = explainer
+        self._attribute_table: Tensor | None = None  # the data's, handed at setup (see _data_auxiliaries)
+        self._filled: dict[str, Any] = {}  # explainer arguments the task derives from the data at setup
+        self.target_loss: list[float] | None = None  # DISC's s* per class when derived (target_loss="quantile")
+        self.attribute_names: tuple[str, ...] = ()  # the names of the explainer's attributes, for the metadata
         self.explainer = self._build_explainer(explainer)
         self.targets, self.query_class, self.seed = targets, query_class, seed
         self.output_dir, self.max_queries, self.grid_size = output_dir, max_queries, grid_size
@@ -326,7 +365,7 @@ class CounterfactualTask(CfxTask):
         handed = {}
         for name, auxiliary in AUXILIARIES.items():
             parameter = parameters.get(name)
-            if parameter is None:
+            if parameter is None or (name == "attribute_table" and "attgan" not in handed):
                 continue
             given = configured.get(name) is not None
             if self._has_auxiliary(name) and given:
@@ -350,13 +389,22 @@ class CounterfactualTask(CfxTask):
             name = getattr(explainer_class, "__name__", "the explainer")
             raise ValueError(
                 f"the CounterfactualTask's `generative:` is set ({self.hparams.generative}), but {name} takes none of "
-                f"{list(GENERATIVE_AUXILIARIES)}: remove it, or choose an explainer that uses it (REVISE, VLK)"
+                f"{list(GENERATIVE_AUXILIARIES)}: remove it, or choose an explainer that uses it (REVISE, VLK, "
+                "GenerativeIntrospection)"
             )
-        built = factory(self.network, **handed)
+        built = factory(self.network, **handed, **self._filled)
         self._handed = tuple(handed)
+        if "attgan" in handed:
+            self.attribute_names = tuple(self.generative_model.attribute_names)
         if not isinstance(built, Explainer):
             raise ValueError(
                 f"explainer must build a cfx.counterfactual.Explainer from the classifier, got {type(built)}"
+            )
+        taken = sorted(set(built.detail_fields()) & {*PAIR_SCHEMA, "originals", "counterfactuals", "path"})
+        if taken:
+            raise ValueError(
+                f"{type(built).__name__}'s details {taken} are named like per-pair record entries or images: a "
+                "result store could not tell them apart"
             )
         return built
 
@@ -365,8 +413,8 @@ class CounterfactualTask(CfxTask):
         targets: str, target_class: int | None, target_mapping: dict[int, int] | None, num_classes: int
     ) -> Tensor | None:
         """Check the target options; for ``fixed`` / ``mapping`` return the query class -> target lookup (-1 = none)."""
-        if targets not in ("others", "fixed", "mapping", "random"):
-            raise ValueError(f"targets must be one of 'others', 'fixed', 'mapping', 'random', got {targets!r}")
+        if targets not in ("others", "fixed", "mapping", "random", "own"):
+            raise ValueError(f"targets must be one of 'others', 'fixed', 'mapping', 'random', 'own', got {targets!r}")
         if (target_class is not None) != (targets == "fixed"):
             raise ValueError(f"target_class goes with targets='fixed' (and only then); got targets={targets!r}")
         if (target_mapping is not None) != (targets == "mapping"):
@@ -388,6 +436,8 @@ class CounterfactualTask(CfxTask):
     def make_pairs(self, indices: Tensor, classes: Tensor, predictions: Tensor) -> tuple[Tensor, Tensor]:
         """Expand queries into ``(query position, target)`` pairs; a target equal to the prediction is dropped.
 
+        With ``targets="own"`` every query is paired with its own class (prototypes), nothing dropped.
+
         Args:
             indices: ``(N,)`` dataset indices of the queries.
             classes: ``(N,)`` each query's class (prediction or label, see ``query_class``).
@@ -404,6 +454,8 @@ class CounterfactualTask(CfxTask):
             targets = torch.remainder(classes[positions] + offsets, num_classes)
         elif self.targets == "random":
             targets = random_targets(indices, classes, num_classes, self.seed)
+        elif self.targets == "own":
+            return positions, classes.long()
         else:
             targets = self.target_table.to(classes.device)[classes]
         keep = (targets >= 0) & (targets != predictions[positions])
@@ -419,10 +471,72 @@ class CounterfactualTask(CfxTask):
         for model in (self.realism_model, self.generative_model):
             if model is not None and hasattr(datamodule, "image_size"):
                 check_image_data_matches(model, model.in_channels, datamodule)
+        if "attgan" in self._handed and "attribute_table" in self._explainer_parameters():
+            self._hand_attribute_table(datamodule)
+        if getattr(self.explainer, "target_loss", None) == "quantile":
+            self._fill_target_loss(datamodule)
         if self.max_queries is not None:
             if not hasattr(datamodule, "limit_split"):
                 raise ValueError("max_queries needs a cfx ImageDataModule (it limits the split the queries come from)")
             datamodule.limit_split("test" if stage == "test" else datamodule.predict_split, self.max_queries)
+
+    def _explainer_parameters(self) -> set[str]:
+        explainer_class = _built_class(self._factory)
+        return set() if explainer_class is None else set(inspect.signature(explainer_class).parameters)
+
+    def _hand_attribute_table(self, datamodule: Any) -> None:
+        """Rebuild the explainer with the data's attribute table (each query's own attributes by dataset index).
+
+        Only when the data has attributes (non-empty ``attribute_names``); without them the explainer keeps its
+        own start (GenerativeIntrospection: the AttGAN discriminator's attribute predictions).
+
+        Raises:
+            ValueError: the AttGAN was trained on attributes of other names than the data's.
+        """
+        names = tuple(getattr(datamodule, "attribute_names", ()) or ())
+        if not names:
+            rank_zero_info(
+                f"{type(datamodule).__name__} has no attributes: {type(self.explainer).__name__} starts from the "
+                "AttGAN discriminator's attribute predictions"
+            )
+            return
+        trained_on = tuple(self.generative_model.attribute_names)
+        if trained_on and trained_on != names:
+            raise ValueError(
+                f"the AttGAN {self.hparams.generative} was trained on the attributes {list(trained_on)}, the data "
+                f"has {list(names)}"
+            )
+        self._attribute_table = datamodule.attribute_table()
+        self.explainer = self._build_explainer(self._factory)
+        self.attribute_names = names
+
+    def _fill_target_loss(self, datamodule: Any) -> None:
+        """Rebuild DISC with ``s*`` per class: its ``target_loss_quantile`` of the DEP predictor on real training data.
+
+        Every process computes it from its share of the training split (gathered, so all get the one-process
+        values); the values go into the metadata (``target_loss``), so a resumed run checks it derived the same.
+
+        Raises:
+            ValueError: without a cfx ImageDataModule to read the training split from.
+        """
+        if not hasattr(datamodule, "eval_dataloader"):
+            raise ValueError(
+                "target_loss='quantile' needs a cfx ImageDataModule (s* is read from the DEP predictor's values on its "
+                "training split); give a number or a tensor of s* instead"
+            )
+        target_loss = target_loss_quantiles(
+            self.network,
+            datamodule.eval_dataloader("train"),
+            self.explainer.target_loss_quantile,
+            self.network.num_classes,
+        )
+        self._filled["target_loss"] = target_loss
+        self.explainer = self._build_explainer(self._factory)
+        self.target_loss = target_loss.tolist()
+        rank_zero_info(
+            f"DISC target loss s* per class (quantile {self.explainer.target_loss_quantile}): "
+            + ", ".join(f"{value:.3f}" for value in self.target_loss)
+        )
 
     def on_test_epoch_start(self) -> None:
         self._start()
@@ -465,7 +579,14 @@ class CounterfactualTask(CfxTask):
         self._progress.update(stored=len(self._done), started=time.perf_counter())
 
     def _check_resumable(self, stored: Results) -> None:
-        """Raise unless ``stored`` was made by this configuration (see ``overwrite``)."""
+        """Raise unless ``stored`` was made by this configuration (see ``overwrite``) and holds its details."""
+        fields = self.explainer.detail_fields()
+        if (stored.extra_fields or {}) != fields or (stored.extra_fields is None and stored.extra_keys):
+            raise ValueError(
+                f"{stored.path} stores the details {stored.extra_fields or list(stored.extra_keys)}, "
+                f"{type(self.explainer).__name__} returns {fields}: set --model.overwrite=true to start over, or "
+                "choose another model.output_dir"
+            )
         differences = metadata_differences(stored.metadata, self._metadata, RESUME_IGNORES)
         if differences:
             shown = "; ".join(
@@ -486,7 +607,9 @@ class CounterfactualTask(CfxTask):
             if path.exists():
                 self._writer = StoreWriter.resume(path)
             else:
-                self._writer = StoreWriter.create(path, self._metadata, self.record_keys)
+                self._writer = StoreWriter.create(
+                    path, self._metadata, self.record_keys, self.explainer.detail_fields()
+                )
         return self._writer
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -539,8 +662,11 @@ class CounterfactualTask(CfxTask):
         images = {"originals": originals, "counterfactuals": result.counterfactuals}
         if result.path is not None:
             images["path"] = result.path
+        check_details(result.details, self.explainer.detail_fields(), len(targets), type(self.explainer).__name__)
         pairs = {key: value.detach().cpu() for key, value in {**record, **images}.items()}
-        self._store().append({key: pairs[key] for key in record}, {key: pairs[key] for key in images})
+        details = {key: value.detach().cpu() for key, value in result.details.items()}
+        self._store().append({key: pairs[key] for key in record}, {key: pairs[key] for key in images}, details)
+        pairs.update({f"detail/{key}": value for key, value in details.items()})
         self._progress["explained"] += len(positions)
         self._progress["successes"] += int(record["success"].sum())
         self._progress["seconds"] += seconds
@@ -550,14 +676,19 @@ class CounterfactualTask(CfxTask):
         """Whether the task can hand the explainer argument ``name`` (an entry of :data:`AUXILIARIES`)."""
         if name == "gaussians":
             return self.gaussians is not None
-        if name == "vae":
-            return isinstance(self.generative_model, ConvVAE)
-        return isinstance(self.generative_model, ConvAutoencoder)  # its encoder for VLK, its prototypes beside it
+        if name == "attribute_table":
+            return self._attribute_table is not None
+        model = {"vae": ConvVAE, "generator": GAN, "attgan": AttGAN}.get(name, ConvAutoencoder)
+        return isinstance(self.generative_model, model)  # an autoencoder: its encoder for VLK, its prototypes beside it
 
     def _auxiliary(self, name: str) -> Any:
         """The task's auxiliary for the explainer argument ``name``; the class prototypes are read here, once."""
         if name == "gaussians":
             return self.gaussians
+        if name == "attribute_table":
+            return self._attribute_table
+        if name == "generator":
+            return self.generative_model.generator
         if name == "prototypes":
             path = Path(self.hparams.generative).parent / PROTOTYPES_FILENAME
             prototypes = load_prototypes(path)
@@ -570,10 +701,10 @@ class CounterfactualTask(CfxTask):
         model, network, problems = load_generative(path), self.network, []
         if not isinstance(model, expected):
             names = " or ".join(cls.__name__ for cls in expected)
+            tasks = " or ".join(GENERATIVE_MODELS[cls] for cls in expected)
             raise ValueError(
-                f"the CounterfactualTask's `{argument}:` must be the checkpoint of a {names} "
-                f"({'a GANTask' if expected == (GAN,) else 'a VAETask or an AutoencoderTask'}); {path} holds a "
-                f"{type(model).__name__}"
+                f"the CounterfactualTask's `{argument}:` must be the checkpoint of a {names} ({tasks}); {path} holds "
+                f"a {type(model).__name__}"
             )
         if model.in_channels != network.in_channels:
             problems.append(f"it takes {model.in_channels} channel(s), the classifier {network.in_channels}")
@@ -711,7 +842,7 @@ class CounterfactualTask(CfxTask):
                 finish_store(merged)
                 return open_results(merged)
         if not merged.exists() and not shards:  # no process had a pair to explain
-            StoreWriter.create(merged, self._metadata, self.record_keys)
+            StoreWriter.create(merged, self._metadata, self.record_keys, self.explainer.detail_fields())
             finish_store(merged)
             return open_results(merged)
         sources = [open_results(path) for path in ([merged] if merged.exists() else []) + shards]
@@ -725,16 +856,22 @@ class CounterfactualTask(CfxTask):
 
         Returns:
             ``explainer`` (its ``params``: class path and init arguments; an auxiliary the task built it with,
-            ``init_args.gaussians``, ``vae``, ``autoencoder`` or ``prototypes``, is the path of its file), ``task``
-            (this task's init arguments), ``seed`` (the task's, seeding the random targets), ``global_seed``
-            (Lightning's ``seed_everything``, ``None`` if not seeded), ``cfx_version``, and ``{"path", "sha256"}``
-            of each input file: ``classifier``, ``gaussians``, ``oracle``, ``realism``, ``generative`` and
-            ``prototypes`` (``None`` for those not used).
+            ``init_args.gaussians``, ``vae``, ``autoencoder``, ``prototypes``, ``generator`` or ``attgan``, is the
+            path of its file; the data's ``attribute_table`` is described by its shape), ``task`` (this task's init
+            arguments), ``seed`` (the task's, seeding the random targets), ``global_seed`` (Lightning's
+            ``seed_everything``, ``None`` if not seeded), ``cfx_version``, ``{"path", "sha256"}`` of each input
+            file: ``classifier``, ``gaussians``, ``oracle``, ``realism``, ``generative`` and ``prototypes``
+            (``None`` for those not used), and with an explainer of named attributes ``attribute_names`` (what the
+            indices of its ``top_attributes`` detail name).
         """
         explainer = self.explainer.params
         for name in self._handed:
-            file = self.files[name if name in ("gaussians", "prototypes") else "generative"]
-            explainer["init_args"][name] = file["path"]
+            if name != "attribute_table":
+                file = self.files[name if name in ("gaussians", "prototypes") else "generative"]
+                explainer["init_args"][name] = file["path"]
+        named = {"attribute_names": list(self.attribute_names)} if self.attribute_names else {}
+        if self.target_loss is not None:
+            named["target_loss"] = self.target_loss
         global_seed = os.environ.get("PL_GLOBAL_SEED")
         return {
             "explainer": explainer,
@@ -743,6 +880,7 @@ class CounterfactualTask(CfxTask):
             "global_seed": None if global_seed is None else int(global_seed),
             "cfx_version": importlib.metadata.version("cfx"),
             **self.files,
+            **named,
         }
 
     def write_results(self, results: Results) -> None:

@@ -427,30 +427,33 @@ class AutoencoderTask(ReconstructionTask):
         return self.network(images)
 
 
-GENERATIVE_TASKS = (GANTask, VAETask, AutoencoderTask)
+#: Names of the :class:`GenerativeTask` subclasses, whose checkpoints :func:`load_generative` reads (AttGANTask
+#: lives in cfx.tasks.attgan, which builds on this module: the check is by base class, not by this list).
+GENERATIVE_TASKS = ("GANTask", "VAETask", "AutoencoderTask", "AttGANTask")
 
 
 def load_generative(checkpoint: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """Load the trained model of a generative task checkpoint (the file is read once).
 
     Args:
-        checkpoint: a ``.ckpt`` of a :class:`GANTask`, :class:`VAETask` or :class:`AutoencoderTask`.
+        checkpoint: a ``.ckpt`` of a :class:`GenerativeTask`: :class:`GANTask`, :class:`VAETask`,
+            :class:`AutoencoderTask` or :class:`~cfx.tasks.attgan.AttGANTask`.
         map_location: device to load onto.
 
     Returns:
         In eval mode with gradients of its parameters disabled: the :class:`~cfx.nn.generative.GAN` (generator and
-        critic) of a GANTask, the VAE of a VAETask, the autoencoder of an AutoencoderTask.
+        critic) of a GANTask, the VAE of a VAETask, the autoencoder of an AutoencoderTask, the
+        :class:`~cfx.nn.attgan.AttGAN` (with the attribute names it was trained on) of an AttGANTask.
 
     Raises:
         FileNotFoundError: there is no such file.
         ValueError: the file is unreadable, a checkpoint of another task, or does not rebuild its task.
     """
     payload = read_checkpoint(checkpoint, map_location)
-    if not issubclass(checkpoint_task_class(payload, checkpoint), GENERATIVE_TASKS):
-        expected = ", ".join(task.__name__ for task in GENERATIVE_TASKS)
+    if not issubclass(checkpoint_task_class(payload, checkpoint), GenerativeTask):
         raise ValueError(
-            f"{checkpoint} is a checkpoint of {checkpoint_class_path(payload)}, expected one of {expected} "
-            "(a generative model)"
+            f"{checkpoint} is a checkpoint of {checkpoint_class_path(payload)}, expected one of "
+            f"{', '.join(GENERATIVE_TASKS)} (a generative model)"
         )
     model = build_task(payload, checkpoint).generative_model().eval()
     model.requires_grad_(False)
