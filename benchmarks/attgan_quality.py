@@ -36,9 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 GOAL = 0.8
 
 
-def trained_attgan(root: Path) -> Path:
+def trained_attgan(root: Path, epochs: int | None) -> Path:
     """Train (or resume, or load when finished) configs/attgan/embedded_mnist.yaml into ``root``."""
     folder = root / "attgan_embedded_mnist"
+    epochs_override = [] if epochs is None else [f"--trainer.max_epochs={epochs}"]
     main(
         [
             "fit",
@@ -47,6 +48,7 @@ def trained_attgan(root: Path) -> Path:
             f"--checkpoint.dirpath={folder}",
             "--ckpt_path=last",
             "--trainer.enable_progress_bar=false",
+            *epochs_override,
         ]
     )
     return folder / "last.ckpt"
@@ -61,7 +63,7 @@ def generate(attgan: torch.nn.Module, images: Tensor, attributes: Tensor, batch:
 
 
 def run(args: argparse.Namespace) -> dict:
-    attgan = load_generative(trained_attgan(args.checkpoint_root)).eval()
+    attgan = load_generative(trained_attgan(args.checkpoint_root, args.epochs)).eval()
     if tuple(attgan.attribute_names) != MORPHOMETRIC_ATTRIBUTE_NAMES:
         raise ValueError(f"the AttGAN was trained on {attgan.attribute_names}, not the morphometric attributes")
     data = EmbeddedMNIST(attributes="morphometric")
@@ -117,6 +119,9 @@ def run(args: argparse.Namespace) -> dict:
 def parse(arguments: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint-root", type=Path, default=REPO / "checkpoints")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="train (or resume) to this many epochs instead of the config's"
+    )
     parser.add_argument("--images", type=int, default=None, help="test digits measured (default: all)")
     parser.add_argument("--pictures", type=Path, default=None, help="folder for the enlarged flip grid")
     parser.add_argument("--picture-digits", type=int, default=8)

@@ -15,6 +15,10 @@ batched generators against a per-query loop (benchmarks/generators_speed.py) at 
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/disc_table1.py [--seeds 3] [--max-queries 48]
 
+``--set OPTION=VALUE ...`` replaces DISC options of every variant, ``--dep-set`` those of the DEP variants only;
+``target_loss=quantile`` becomes s* per class from the DEP predictor on the training split, as
+CounterfactualTask fills it in (docs/RESULTS.md has the command of the fidelity run).
+
 Writes runs/bench_disc/disc_table1.json and prints markdown tables. Cost on the shared 2-core CPU: one seed of
 all five variants took 1.5 min (light load) to 3 min (heavy load) at 16 queries, roughly linear in the queries,
 so the defaults (48 queries, 3 seeds) take about 15-27 min plus about a minute for the generator timing.
@@ -40,7 +44,8 @@ from lightning.pytorch.cli import instantiate_class
 from cfx.cli import main as cfx_main
 from cfx.counterfactual import DISC
 from cfx.metrics.functional import concentration, mse
-from cfx.tasks import classifier_discrepancy
+from cfx.tasks import classifier_discrepancy, load_classifier
+from cfx.tasks.dep import target_loss_quantiles
 
 VARIANTS = {
     "LSO+TV+L2": "lso_tvl2",
@@ -64,6 +69,32 @@ def explainer_options(path: Path) -> dict:
     if explainer["class_path"] not in ("cfx.counterfactual.DISC", "cfx.counterfactual.disc.DISC"):
         raise ValueError(f"{path} does not configure a DISC explainer (got {explainer['class_path']})")
     return dict(explainer["init_args"])
+
+
+def parse_settings(items: list[str]) -> dict:
+    """``OPTION=VALUE`` items as a dict, each value read as YAML (numbers, booleans, lists, null)."""
+    settings = {}
+    for item in items:
+        name, separator, value = item.partition("=")
+        if not separator or not name:
+            raise ValueError(f"expected OPTION=VALUE, got {item!r}")
+        settings[name] = yaml.safe_load(value)
+    return settings
+
+
+def resolve_target_loss(options: dict, checkpoint: Path, datamodule) -> dict:
+    """``target_loss: quantile`` replaced by s* per class as CounterfactualTask fills it in (DEP, training split)."""
+    if options.get("target_loss") != "quantile":
+        return options
+    classifier = load_classifier(checkpoint)
+    datamodule.setup("fit")
+    quantiles = target_loss_quantiles(
+        classifier,
+        datamodule.eval_dataloader("train"),
+        options.get("target_loss_quantile", 0.5),
+        classifier.num_classes,
+    )
+    return {**options, "target_loss": quantiles}
 
 
 def ensure_classifier(config: Path) -> Path:
@@ -177,6 +208,20 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument(
         "--train-batch-size", type=int, default=16, help="batch size of F_ref / F^c (F's epochs and scheduler)"
     )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="DISC options (YAML values) replacing the configs' in every variant, e.g. stop=schedule",
+    )
+    parser.add_argument(
+        "--dep-set",
+        nargs="+",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="DISC options for the DEP variants only, e.g. manifold_form=hinge target_loss=quantile",
+    )
     parser.add_argument("--bf16", action="store_true", help="DISC under bf16 autocast")
     parser.add_argument("--speed-queries", type=int, default=32)
     parser.add_argument("--speed-steps", type=int, default=3, help="timed steps per generator (0 = skip)")
@@ -192,7 +237,14 @@ def main() -> None:
     options = {}
     for name in args.variants:
         # manifold: dep reads the loss predictor from the DEP classifier that classifier_discrepancy loads
-        options[name] = explainer_options(args.config_dir / f"embedded_mnist_binary_{VARIANTS[name]}.yaml")
+        options[name] = {
+            **explainer_options(args.config_dir / f"embedded_mnist_binary_{VARIANTS[name]}.yaml"),
+            **parse_settings(args.set),
+        }
+        if options[name].get("manifold") == "dep":
+            options[name] = resolve_target_loss(
+                {**options[name], **parse_settings(args.dep_set)}, checkpoint, datamodule
+            )
     records = [
         run_variant(name, options[name], checkpoint, datamodule, seed, args)
         for seed in range(args.seeds)

@@ -4,8 +4,8 @@ Trains (or loads, when finished) the two classifiers, the 10-D-latent WGAN (conf
 and the WGAN of the AnoGAN score (configs/gan/embedded_mnist.yaml), then on ``--batches`` batches of
 ``--batch-size`` embedded-MNIST test digits, each paired with the 9 classes other than its label:
 
-- criticisms: ``GenerativeIntrospection(mode="latent", kind="criticism")`` on the plain ResNet (the paper's
-  settings as in configs/counterfactual/embedded_mnist_gci_latent.yaml); success rate (goal >= 90 %), L1 =
+- criticisms: ``GenerativeIntrospection(mode="latent", kind="criticism")`` on the plain ResNet (the settings
+  of configs/counterfactual/embedded_mnist_gci_latent.yaml); success rate (goal >= 90 %), L1 =
   ``||x - G(z)||_1`` over its successes, seconds per counterfactual;
 - the bisection against its first successful lambda: the same explainer with one round at ``lambda`` = 1, 10,
   100 (exactly the bisection's rounds before it has an upper bound); per pair the first of them that succeeds is
@@ -27,6 +27,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import yaml
 from deduce_table1 import PLAIN_CONFIG, SN_CONFIG, pair_metrics, query_pairs, timed, trained_classifier
 from torch import Tensor
 
@@ -39,16 +40,11 @@ from cfx.tasks import fit_and_save_class_gaussians, load_classifier
 from cfx.tasks.generative import load_generative
 
 REPO = Path(__file__).resolve().parents[1]
-GCI_SETTINGS = {  # configs/counterfactual/embedded_mnist_gci_latent.yaml
-    "lambda_initial": 1.0,
-    "bisection_steps": 5,
-    "max_iterations": 200,
-    "learning_rate": 0.05,
-    "confidence": 0.5,
-    "top_k": 5,
-    "inversion_steps": 300,
-    "inversion_learning_rate": 0.05,
-    "inversion_restarts": 4,
+GCI_CONFIG = REPO / "configs" / "counterfactual" / "embedded_mnist_gci_latent.yaml"
+GCI_SETTINGS = {  # the config's explainer settings; mode and kind are set here, the path is not recorded
+    key: value
+    for key, value in yaml.safe_load(GCI_CONFIG.read_text())["model"]["init_args"]["explainer"]["init_args"].items()
+    if key not in ("mode", "kind", "path_every")
 }
 FIRST_LAMBDAS = (1.0, 10.0, 100.0)  # the bisection's lambdas before an upper bound exists
 

@@ -3,15 +3,17 @@
 1. Trains (or resumes / reuses) the models: the default SN-ResNet and its DDU class Gaussians (DeDUCE), a plain
    ResNet (JSMA, Wachter, REVISE and VLK, as the DeDUCE paper's baselines), a DEP classifier with its loss predictor
    (DISC), an independently trained oracle classifier that judges whether the counterfactuals convince another
-   model, REVISE's VAE, VLK's autoencoder with its class prototypes, the WGAN of the AnoGAN score, and an AttGAN on
-   the digits' measured Morpho-MNIST attributes (generative counterfactual introspection).
+   model, REVISE's VAE, VLK's autoencoder with its class prototypes, the WGAN of the AnoGAN score, a WGAN with a
+   10-D latent and an AttGAN on the digits' measured Morpho-MNIST attributes (generative counterfactual
+   introspection, GCI).
 2. Explains the first 4 embedded-MNIST test digits towards every other class with DeDUCE, JSMA, Wachter, REVISE,
-   VLK, DISC (LSO + INR + DEP) and generative counterfactual introspection in attribute mode (GCI), each through
-   ``cfx test`` with a shipped config, recording the paths and the oracle's view and the AnoGAN realism score of
-   every counterfactual and query (500 steps per restart instead of the paper's 4,000, to keep the demo short).
-3. Prints the metric table over the pairs every method solved and over each method's own pairs, and writes the
-   HTML report of all runs side by side (``cfx-report``) to ``runs/demo/report/index.html``: pictures, paths, and
-   under GCI's paths the attributes it changed most.
+   VLK, DISC (LSO + INR + DEP) and GCI's latent-mode criticisms, and makes a GCI attribute-mode prototype of each
+   digit (the attribute edit that makes the classifier surer of its own class), each through ``cfx test`` with a
+   shipped config, recording the paths and the oracle's view and the AnoGAN realism score of every
+   counterfactual and query (500 steps per restart instead of the paper's 4,000, to keep the demo short).
+3. Prints the metric table over each method's own pairs and over the pairs every criticism method solved, and
+   writes the HTML report of all runs side by side (``cfx-report``) to ``runs/demo/report/index.html``: pictures,
+   paths, and under GCI's paths the attributes it changed most.
 
 Each run is a resumable result store (``runs/demo/<config>/results.h5``): a second ``make demo`` reuses the trained
 models and the finished stores.
@@ -42,6 +44,7 @@ MODELS = (
     CONFIGS / "vae" / "embedded_mnist.yaml",  # REVISE
     CONFIGS / "autoencoder" / "embedded_mnist.yaml",  # VLK (with the class prototypes below)
     CONFIGS / "gan" / "embedded_mnist.yaml",  # the WGAN of the AnoGAN realism score
+    CONFIGS / "gan" / "embedded_mnist_latent10.yaml",  # GCI's latent mode (the paper's 10-D DCGAN latent)
     CONFIGS / "attgan" / "embedded_mnist.yaml",  # GCI's attribute mode (the digits' morphometric attributes)
 )
 GAN = REPO / "checkpoints" / "gan_embedded_mnist" / "last.ckpt"
@@ -49,15 +52,19 @@ ANOGAN_STEPS = 500  # per restart; the paper's 4,000 take ~3 s per image on 2 CP
 PLAIN_RESNET = REPO / "checkpoints" / "embedded_mnist_resnet" / "last.ckpt"
 AUTOENCODER = REPO / "checkpoints" / "autoencoder_embedded_mnist" / "last.ckpt"
 ORACLE = REPO / "checkpoints" / "oracle_embedded_mnist" / "last.ckpt"
-METHODS = {  # method name -> counterfactual config; each explains the same first test digits x their 9 other classes
+CRITICISMS = {  # method name -> counterfactual config; each explains the same first test digits x their 9 other classes
     "DeDUCE": CONFIGS / "counterfactual" / "embedded_mnist_deduce.yaml",
     "JSMA": CONFIGS / "counterfactual" / "embedded_mnist_jsma.yaml",
     "Wachter": CONFIGS / "counterfactual" / "embedded_mnist_wachter.yaml",
     "REVISE": CONFIGS / "counterfactual" / "embedded_mnist_revise.yaml",
     "VLK": CONFIGS / "counterfactual" / "embedded_mnist_vlk.yaml",
     "DISC LSO+INR+DEP": CONFIGS / "counterfactual" / "embedded_mnist_lso_inr_dep.yaml",
-    "GCI attributes": CONFIGS / "counterfactual" / "embedded_mnist_gci_attributes.yaml",
+    "GCI latent": CONFIGS / "counterfactual" / "embedded_mnist_gci_latent.yaml",
 }
+PROTOTYPES = {  # method name -> config pairing each of the same digits with its own class
+    "GCI attribute prototypes": CONFIGS / "counterfactual" / "embedded_mnist_gci_attribute_prototypes.yaml",
+}
+METHODS = {**CRITICISMS, **PROTOTYPES}
 QUERIES = 4
 PATH_EVERY = 10
 COLUMNS = (
@@ -98,7 +105,8 @@ def explain(output: Path) -> dict[str, Results]:
     results = {}
     for name, config in METHODS.items():
         folder = output / config.stem
-        say(f"{name}: the first {QUERIES} test digits x 9 target classes ({config.relative_to(REPO)})")
+        targets = "their own class" if name in PROTOTYPES else "9 target classes"
+        say(f"{name}: the first {QUERIES} test digits x {targets} ({config.relative_to(REPO)})")
         cli_main(
             [
                 "test",
@@ -127,10 +135,11 @@ def main(arguments: list[str] | None = None) -> None:
     results = explain(output)
     records = {name: result.record() for name, result in results.items()}
     own = {name: _columns(intersection_table({name: record})[name]) for name, record in records.items()}
-    common = {name: _columns(row) for name, row in intersection_table(records).items()}
+    criticisms = {name: records[name] for name in CRITICISMS}
+    common = {name: _columns(row) for name, row in intersection_table(criticisms).items()}
     say("each method over its own pairs (distances over its successful pairs)")
     print(markdown_table(own))
-    say("over the pairs every method solved (the DeDUCE paper's protocol)")
+    say("over the pairs every criticism method solved (the DeDUCE paper's protocol)")
     print(markdown_table(common))
     report = write_report([output / config.stem for config in METHODS.values()], output / "report")
     say(f"report: {report} (open it in a browser: tables, pictures, paths, histograms)")

@@ -446,3 +446,18 @@ def test_the_attribute_config_hands_the_attgan_and_the_datas_attribute_table(che
     torch.testing.assert_close(start, table[results["index"]], atol=1e-6, rtol=0)  # each query's own attributes
     assert torch.equal(results["attributes"][:, 0], table[results["index"], 0])  # thick is held fixed
     assert not torch.isin(results["top_attributes"], torch.tensor([0])).any()
+
+
+def test_the_attribute_prototype_config_pairs_each_query_with_its_own_predicted_class(
+    checkpoints, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    _cli(
+        "embedded_mnist_gci_attribute_prototypes.yaml", checkpoints, "attgan",
+        "--data.init_args.attributes=morphometric", "--data.init_args.noise=0.3",
+    )  # fmt: skip
+    results = open_results(tmp_path / "runs" / "counterfactual" / "embedded_mnist_gci_attribute_prototypes")
+    assert results.finished and len(results) == 2  # one pair per query, nothing dropped
+    assert torch.equal(results["target"], results["original_prediction"])
+    assert results.metadata["explainer"]["init_args"]["kind"] == "prototype"
+    assert results.metadata["attribute_names"] == list(MORPHOMETRIC)
