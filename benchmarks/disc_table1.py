@@ -66,11 +66,14 @@ def read_yaml(path: Path) -> dict:
         return yaml.safe_load(handle)
 
 
-def explainer_options(path: Path) -> dict:
-    """The DISC ``init_args`` of a CounterfactualTask config."""
+def explainer_options(path: Path, explainer_class: type = DISC) -> dict:
+    """The explainer ``init_args`` of a CounterfactualTask config whose explainer is ``explainer_class``."""
     explainer = read_yaml(path)["model"]["init_args"]["explainer"]
-    if explainer["class_path"] not in ("cfx.counterfactual.DISC", "cfx.counterfactual.disc.DISC"):
-        raise ValueError(f"{path} does not configure a DISC explainer (got {explainer['class_path']})")
+    public_path = f"cfx.counterfactual.{explainer_class.__name__}"
+    if explainer["class_path"] not in (public_path, f"{explainer_class.__module__}.{explainer_class.__name__}"):
+        raise ValueError(
+            f"{path} does not configure a {explainer_class.__name__} explainer (got {explainer['class_path']})"
+        )
     return dict(explainer["init_args"])
 
 

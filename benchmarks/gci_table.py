@@ -27,8 +27,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import yaml
 from deduce_table1 import PLAIN_CONFIG, SN_CONFIG, pair_metrics, query_pairs, timed, trained_classifier
+from disc_table1 import explainer_options
 from torch import Tensor
 
 from cfx.cli import main
@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 GCI_CONFIG = REPO / "configs" / "counterfactual" / "embedded_mnist_gci_latent.yaml"
 GCI_SETTINGS = {  # the config's explainer settings; mode and kind are set here, the path is not recorded
     key: value
-    for key, value in yaml.safe_load(GCI_CONFIG.read_text())["model"]["init_args"]["explainer"]["init_args"].items()
+    for key, value in explainer_options(GCI_CONFIG, GenerativeIntrospection).items()
     if key not in ("mode", "kind", "path_every")
 }
 FIRST_LAMBDAS = (1.0, 10.0, 100.0)  # the bisection's lambdas before an upper bound exists
