@@ -29,6 +29,7 @@ from torch import Tensor
 from cfx.cli import main
 from cfx.data import EmbeddedMNIST
 from cfx.data.morphometrics import MORPHOMETRIC_ATTRIBUTE_NAMES, MORPHOMETRIC_NAMES, measure
+from cfx.nn.attgan import ATTRIBUTE_INPUT_SCALE
 from cfx.results.pictures import save_png
 from cfx.tasks.generative import image_grid, load_generative
 
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> dict:
     flipped_images = []
     for j, (name, quantity) in enumerate(zip(MORPHOMETRIC_ATTRIBUTE_NAMES, MORPHOMETRIC_NAMES, strict=True)):
         flipped = attributes.clone()
-        flipped[:, j] = 1 - flipped[:, j]
+        flipped[:, j] = 0.5 + (1 - 2 * attributes[:, j]) * args.test_intensity / ATTRIBUTE_INPUT_SCALE / 2
         edited = generate(attgan, images, flipped)
         flipped_images.append(edited[: args.picture_digits])
         measured = measure(edited)[:, j]
@@ -125,6 +126,12 @@ def parse(arguments: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=None, help="test digits measured (default: all)")
     parser.add_argument("--pictures", type=Path, default=None, help="folder for the enlarged flip grid")
     parser.add_argument("--picture-digits", type=int, default=8)
+    parser.add_argument(
+        "--test-intensity",
+        type=float,
+        default=ATTRIBUTE_INPUT_SCALE,
+        help="network input of a flipped attribute, +-this (AttGAN's test_int; its training value 0.5 = a 0/1 flip)",
+    )
     return parser.parse_args(arguments)
 
 

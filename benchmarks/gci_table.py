@@ -17,6 +17,9 @@ and the WGAN of the AnoGAN score (configs/gan/embedded_mnist.yaml), then on ``--
   methods solved, and of their queries.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/gci_table.py --batches 1 --batch-size 100
+
+``--set OPTION=VALUE ...`` replaces settings of the config (e.g. ``learning_rate=0.1``); ``--criticisms-only`` runs
+the criticisms alone (success, L1, seconds), for a sweep of one setting.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import torch
 from deduce_table1 import PLAIN_CONFIG, SN_CONFIG, pair_metrics, query_pairs, timed, trained_classifier
-from disc_table1 import explainer_options
+from disc_table1 import explainer_options, parse_settings
 from torch import Tensor
 
 from cfx.cli import main
@@ -71,7 +74,34 @@ def probabilities(classifier: torch.nn.Module, images: Tensor, classes: Tensor) 
         return torch.softmax(classifier(images), dim=1).gather(1, classes[:, None])[:, 0]
 
 
+def criticisms_only(args: argparse.Namespace, settings: dict) -> dict:
+    """GCI latent-mode criticisms alone on the benchmark's pairs: success, L1 over the successes, seconds per CF."""
+    plain_resnet = load_classifier(trained_classifier(PLAIN_CONFIG, args.checkpoint_root / "embedded_mnist_resnet", []))
+    latent_gan = load_generative(trained_gan("embedded_mnist_latent10", args.checkpoint_root))
+    datamodule = EmbeddedMNIST(eval_batch_size=500)
+    datamodule.setup()
+    explainer = GenerativeIntrospection(plain_resnet, latent_gan.generator, mode="latent", **settings)
+    parts, seconds = [], 0.0
+    for batch in range(args.batches):
+        images, targets = query_pairs(datamodule, batch, args.batch_size)
+        pair_indices = torch.arange(batch * args.batch_size, (batch + 1) * args.batch_size).repeat_interleave(9)
+        result, elapsed = timed(partial(explainer.explain, images, targets, pair_indices))
+        seconds += elapsed
+        parts.append(pair_metrics(result, images))
+    success, l1 = torch.cat([p["success"] for p in parts]), torch.cat([p["l1"] for p in parts])
+    return {
+        "pairs": len(success),
+        "settings": settings,
+        "success_percent": 100 * success.double().mean().item(),
+        "l1_own": l1[success].mean().item(),
+        "seconds_per_counterfactual": seconds / len(success),
+    }
+
+
 def run(args: argparse.Namespace) -> dict:
+    settings = {**GCI_SETTINGS, **parse_settings(args.set)}
+    if args.criticisms_only:
+        return criticisms_only(args, settings)
     sn_checkpoint = trained_classifier(SN_CONFIG, args.checkpoint_root / "embedded_mnist_sn_resnet", [])
     plain_checkpoint = trained_classifier(PLAIN_CONFIG, args.checkpoint_root / "embedded_mnist_resnet", [])
     latent_gan = load_generative(trained_gan("embedded_mnist_latent10", args.checkpoint_root))
@@ -84,14 +114,12 @@ def run(args: argparse.Namespace) -> dict:
     sn_resnet, plain_resnet = load_classifier(sn_checkpoint), load_classifier(plain_checkpoint)
     gci = partial(GenerativeIntrospection, plain_resnet, latent_gan.generator, mode="latent")
     explainers = {
-        "GCI latent": gci(**GCI_SETTINGS),
+        "GCI latent": gci(**settings),
         "DeDUCE": DeDUCE(sn_resnet, ClassGaussians.load(gaussians_path)),
         "JSMA": JSMA(plain_resnet),
     }
-    first_round = {
-        value: gci(**{**GCI_SETTINGS, "lambda_initial": value, "bisection_steps": 1}) for value in FIRST_LAMBDAS
-    }
-    prototype_settings = {**GCI_SETTINGS, "kind": "prototype", "prototype_confidence": args.prototype_confidence}
+    first_round = {value: gci(**{**settings, "lambda_initial": value, "bisection_steps": 1}) for value in FIRST_LAMBDAS}
+    prototype_settings = {**settings, "kind": "prototype", "prototype_confidence": args.prototype_confidence}
     prototype = gci(**prototype_settings)
     inversion_only = gci(**{**prototype_settings, "max_iterations": 0})
 
@@ -130,7 +158,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"batch {batch} prototypes: {elapsed:.1f} s, {int(result.success.sum())}/{len(own)} reached the level")
 
     joined = {name: {key: torch.cat([m[key] for m in parts]) for key in parts[0]} for name, parts in metrics.items()}
-    report: dict = {"pairs": len(joined["DeDUCE"]["success"]), "settings": GCI_SETTINGS}
+    report: dict = {"pairs": len(joined["DeDUCE"]["success"]), "settings": settings}
     everyone = torch.stack([joined[name]["success"] for name in explainers]).all(dim=0)
     report["pairs_all_solved"] = int(everyone.sum())
     for name in explainers:
@@ -205,6 +233,12 @@ def parse(arguments: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--anogan-pairs", type=int, default=36, help="pairs all methods solved scored by AnoGAN")
     parser.add_argument("--checkpoint-root", type=Path, default=REPO / "checkpoints")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this file")
+    parser.add_argument(
+        "--set", nargs="+", default=[], metavar="OPTION=VALUE", help="GCI settings replacing the config's"
+    )
+    parser.add_argument(
+        "--criticisms-only", action="store_true", help="only GCI's criticisms: success, L1, seconds (for sweeps)"
+    )
     return parser.parse_args(arguments)
 
 

@@ -102,6 +102,7 @@ def test_real_class_one_counterfactuals_give_no_discrepancy(checkpoint: Path):
     assert result.classifier_accuracy == 1.0
     assert result.reference_accuracy == 1.0
     assert result.counterfactual_accuracy == 1.0
+    assert result.reference_class_accuracy == result.counterfactual_class_accuracy == (1.0, 1.0)
     assert result.discrepancy == 0.0
     assert result.success_rate == 1.0
     # 20 distinct class-0 training images, explained in batches of 8 with their dataset indices
@@ -122,7 +123,9 @@ def test_shortcut_counterfactuals_give_chance_accuracy(checkpoint: Path):
     test_labels = torch.stack([sample["label"] for sample in datamodule.dataset("test")])
     assert (test_labels == 0).float().mean() == 0.5
     assert result.counterfactual_accuracy == 0.5
+    assert result.counterfactual_class_accuracy == (1.0, 0.0)  # every real class-1 test image called class 0
     assert result.reference_accuracy == 1.0
+    assert result.reference_class_accuracy == (1.0, 1.0)
     assert result.discrepancy == 0.5
     stamped = result.queries.clone()
     stamped[:, :, :3, :3] = 1.0

@@ -291,6 +291,38 @@ def test_the_latent_start_is_the_best_inversion_of_the_query():
     torch.testing.assert_close(result.counterfactuals[reconstructed], generator(latents[reconstructed]))
 
 
+class RowCountingGenerator(SigmoidGenerator):
+    """:class:`SigmoidGenerator` that records the rows of every call."""
+
+    def __init__(self, size: int = 8):
+        super().__init__(size)
+        self.rows: list[int] = []
+
+    def forward(self, latents: Tensor) -> Tensor:
+        self.rows.append(len(latents))
+        return super().forward(latents)
+
+
+def test_a_query_paired_with_several_targets_is_inverted_once():
+    classifier = tiny_cnn()
+    images, _ = queries(classifier, 2, seed=13)
+    with torch.no_grad():
+        predicted = classifier(images).argmax(1)
+    others = torch.stack([(predicted + 1) % 3, (predicted + 2) % 3], dim=1).flatten()  # 2 targets per query
+    paired, indices = images.repeat_interleave(2, dim=0), torch.tensor([5, 5, 8, 8])
+    generator = RowCountingGenerator()
+    settings = {"top_k": 2, "max_iterations": 0, "inversion_steps": 30, "inversion_restarts": 3}
+    explainer = GenerativeIntrospection(classifier, generator=generator, **settings)
+    together = explainer.explain(paired, others, indices).details["attributes"]
+    assert generator.rows[0] == 2 * 3  # two distinct queries x 3 restarts, not four
+    alone = GenerativeIntrospection(classifier, generator=SigmoidGenerator(), **settings)
+    single = alone.explain(images, others[::2], torch.tensor([5, 8])).details["attributes"]
+    torch.testing.assert_close(together, single.repeat_interleave(2, dim=0), atol=1e-5, rtol=0)
+    generator.rows.clear()  # the same index on different images: each image is inverted
+    explainer.explain(torch.cat([images[:1], images[1:]]), others[::2], torch.tensor([5, 5]))
+    assert generator.rows[0] == 2 * 3
+
+
 # -- errors ---------------------------------------------------------------------------------------------------
 def test_bad_settings_and_mismatched_models_are_clear_errors():
     classifier, big = tiny_cnn(), ConvClassifier(size=28).eval()

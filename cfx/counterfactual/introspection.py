@@ -347,7 +347,19 @@ class GenerativeIntrospection(SearchExplainer):
         return (logits > 0).to(queries.dtype)
 
     def _invert(self, queries: Tensor, indices: Tensor) -> Tensor:
-        """``(R, D)`` latents of the queries: the best of the seeded restarts of L1 inversion, all in one tensor."""
+        """``(R, D)`` latents of the queries: the best of the seeded restarts of L1 inversion, all in one tensor.
+
+        Rows that share a dataset index and an image (one query paired with several targets) are inverted once.
+        """
+        unique, inverse = torch.unique(indices, return_inverse=True)
+        first = torch.full((len(unique),), len(indices), dtype=torch.long, device=indices.device)
+        first = first.scatter_reduce(0, inverse, torch.arange(len(indices), device=indices.device), "amin")
+        if len(unique) < len(indices) and torch.equal(queries[first][inverse], queries):
+            return self._invert_distinct(queries[first], unique)[inverse]
+        return self._invert_distinct(queries, indices)
+
+    def _invert_distinct(self, queries: Tensor, indices: Tensor) -> Tensor:
+        """:meth:`_invert` of queries that are all different."""
         restarts = self.inversion_restarts
         latents = nn.Parameter(initial_latents(indices, restarts, self.dimension, self.seed, queries.dtype))
         targets = queries.repeat_interleave(restarts, dim=0)

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from cfx.counterfactual.base import CounterfactualResult, Explainer
 from cfx.data.base import ImageDataModule, IndexedSamples
 from cfx.nn.classifier import FeatureClassifier
+from cfx.nn.evaluation import evaluation_mode
 from cfx.tasks.classification import (
     ClassificationTask,
     build_task,
@@ -36,6 +37,9 @@ class DiscrepancyResult:
         reference_accuracy: test accuracy of the reference the discrepancy is taken against: ``F`` itself (all
             class-0 training images queried) or ``F_ref`` trained on the real subset (``max_queries``).
         counterfactual_accuracy: ``Acc(F^c, test)``.
+        reference_class_accuracy: the reference's test accuracy on class 0 and on class 1 (per-class recall).
+        counterfactual_class_accuracy: ``F^c``'s test accuracy on class 0 and on class 1: a counterfactual set
+            that does not carry class 1's semantics shows as a low class-1 value.
         discrepancy: ``reference_accuracy - counterfactual_accuracy`` (lower = better counterfactuals).
         success_rate: fraction of queries whose counterfactual reached class 1 by the explainer's criterion.
         indices: ``(Q,)`` dataset indices of the class-0 queries.
@@ -47,6 +51,8 @@ class DiscrepancyResult:
     classifier_accuracy: float
     reference_accuracy: float
     counterfactual_accuracy: float
+    reference_class_accuracy: tuple[float, float]
+    counterfactual_class_accuracy: tuple[float, float]
     discrepancy: float
     success_rate: float
     indices: Tensor
@@ -135,8 +141,20 @@ def _trainer(max_epochs: int, accelerator: str) -> L.Trainer:
     )
 
 
-def _test_accuracy(task: ClassificationTask, data: _DiscrepancyData, accelerator: str) -> float:
-    return float(_trainer(1, accelerator).test(task, datamodule=data, verbose=False)[0]["test/acc"])
+def _test_accuracies(network: nn.Module, data: _DiscrepancyData) -> tuple[float, tuple[float, float]]:
+    """``network``'s accuracy on the test split of the binary task, overall and on class 0 / class 1."""
+    device = next(network.parameters()).device
+    correct, count = torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+    with evaluation_mode(network), torch.no_grad():
+        for batch in data.test_dataloader():
+            labels = batch["label"]
+            predictions = network(batch["image"].to(device)).argmax(dim=1).cpu()
+            count += torch.bincount(labels, minlength=2)
+            correct += torch.bincount(labels[predictions == labels], minlength=2)
+    if (count == 0).any():
+        raise ValueError(f"the binary task's test split needs images of both classes, it has {count.tolist()}")
+    per_class = correct / count
+    return float(correct.sum() / count.sum()), (float(per_class[0]), float(per_class[1]))
 
 
 def classifier_discrepancy(
@@ -238,25 +256,27 @@ def classifier_discrepancy(
     counterfactuals = explanation.counterfactuals.detach().float().cpu().clamp(0, 1)
     binary_labels = torch.cat([torch.zeros(len(queries)), torch.ones(len(queries))]).long()
 
-    def train_and_test(images: Tensor) -> float:
+    def train_and_test(images: Tensor) -> tuple[float, tuple[float, float]]:
         data = _DiscrepancyData(images, binary_labels, datamodule, batch_size or datamodule.batch_size)
         L.seed_everything(seed, verbose=False)
         task = ClassificationTask(build(), optimizer, lr_scheduler)
         _trainer(epochs, accelerator).fit(task, datamodule=data)
-        return _test_accuracy(task, data, accelerator)
+        return _test_accuracies(task.network, data)
 
     evaluation = _DiscrepancyData(queries, binary_labels[: len(queries)], datamodule, datamodule.batch_size)
-    classifier_accuracy = _test_accuracy(ClassificationTask(classifier), evaluation, accelerator)
-    counterfactual_accuracy = train_and_test(torch.cat([queries, counterfactuals]))
+    classifier_accuracies = _test_accuracies(classifier, evaluation)
+    counterfactual_accuracy, counterfactual_class_accuracy = train_and_test(torch.cat([queries, counterfactuals]))
     if max_queries is None:
-        reference_accuracy = classifier_accuracy
+        reference_accuracy, reference_class_accuracy = classifier_accuracies
     else:
         real = torch.cat([batch["image"] for batch in DataLoader(Subset(clean, class1.tolist()), query_batch_size)])
-        reference_accuracy = train_and_test(torch.cat([queries, real]))
+        reference_accuracy, reference_class_accuracy = train_and_test(torch.cat([queries, real]))
     return DiscrepancyResult(
-        classifier_accuracy=classifier_accuracy,
+        classifier_accuracy=classifier_accuracies[0],
         reference_accuracy=reference_accuracy,
         counterfactual_accuracy=counterfactual_accuracy,
+        reference_class_accuracy=reference_class_accuracy,
+        counterfactual_class_accuracy=counterfactual_class_accuracy,
         discrepancy=reference_accuracy - counterfactual_accuracy,
         success_rate=float(explanation.success.float().mean()),
         indices=torch.cat(indices),
