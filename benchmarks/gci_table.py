@@ -74,6 +74,12 @@ def probabilities(classifier: torch.nn.Module, images: Tensor, classes: Tensor) 
         return torch.softmax(classifier(images), dim=1).gather(1, classes[:, None])[:, 0]
 
 
+def pairs_of_batch(datamodule: EmbeddedMNIST, batch: int, size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`query_pairs` of one batch and each pair's dataset index (its query's)."""
+    images, targets = query_pairs(datamodule, batch, size)
+    return images, targets, torch.arange(batch * size, (batch + 1) * size).repeat_interleave(9)
+
+
 def criticisms_only(args: argparse.Namespace, settings: dict) -> dict:
     """GCI latent-mode criticisms alone on the benchmark's pairs: success, L1 over the successes, seconds per CF."""
     plain_resnet = load_classifier(trained_classifier(PLAIN_CONFIG, args.checkpoint_root / "embedded_mnist_resnet", []))
@@ -83,8 +89,7 @@ def criticisms_only(args: argparse.Namespace, settings: dict) -> dict:
     explainer = GenerativeIntrospection(plain_resnet, latent_gan.generator, mode="latent", **settings)
     parts, seconds = [], 0.0
     for batch in range(args.batches):
-        images, targets = query_pairs(datamodule, batch, args.batch_size)
-        pair_indices = torch.arange(batch * args.batch_size, (batch + 1) * args.batch_size).repeat_interleave(9)
+        images, targets, pair_indices = pairs_of_batch(datamodule, batch, args.batch_size)
         result, elapsed = timed(partial(explainer.explain, images, targets, pair_indices))
         seconds += elapsed
         parts.append(pair_metrics(result, images))
@@ -128,9 +133,8 @@ def run(args: argparse.Namespace) -> dict:
     seconds = dict.fromkeys(explainers, 0.0)
     queries, prototype_rows = [], []
     for batch in range(args.batches):
-        images, targets = query_pairs(datamodule, batch, args.batch_size)
-        query_indices = torch.arange(batch * args.batch_size, (batch + 1) * args.batch_size)
-        pair_indices = query_indices.repeat_interleave(9)
+        images, targets, pair_indices = pairs_of_batch(datamodule, batch, args.batch_size)
+        query_indices = pair_indices[::9]
         for name, explainer in explainers.items():
             result, elapsed = timed(partial(explainer.explain, images, targets, pair_indices))
             seconds[name] += elapsed
