@@ -85,6 +85,7 @@ def test_a_pixel_that_reached_a_bound_never_moves_again() -> None:
         ({"confidence": 0.0}, r"confidence must lie in \(0, 1\]"),
         ({"max_iterations": -1}, "max_iterations must be >= 0"),
         ({"path_every": 0}, "path_every must be None or >= 1"),
+        ({"stop_check_every": 0}, "stop_check_every must be >= 1"),
     ],
 )
 def test_bad_settings_raise(options: dict, message: str) -> None:

@@ -40,7 +40,7 @@ class PixelStepExplainer(SearchExplainer):
         max_iterations: steps after which a query fails.
         path_every: record the iterates every this many steps in ``CounterfactualResult.path`` (``None``: no path).
         acceleration: the fast-path options of :class:`~cfx.counterfactual.search.SearchExplainer`
-            (``fold_batch_norm``, ``channels_last``, ``compile``, ``bfloat16``).
+            (``fold_batch_norm``, ``channels_last``, ``compile``, ``bfloat16``, ``stop_check_every``).
     """
 
     def __init__(
@@ -51,7 +51,7 @@ class PixelStepExplainer(SearchExplainer):
         confidence: float,
         max_iterations: int,
         path_every: int | None,
-        **acceleration: bool,
+        **acceleration: bool | int,
     ):
         super().__init__(classifier, confidence, max_iterations, path_every, **acceleration)
         if pixels_per_step < 1:

@@ -34,6 +34,8 @@ class JSMA(PixelStepExplainer):
         channels_last: channels-last copy and inputs (mainly for GPUs).
         compile: ``torch.compile`` the copy (dynamic shapes; pays a compilation on the first call).
         bfloat16: the copy under bfloat16 autocast (GPUs; counterfactuals change).
+        stop_check_every: drop finished queries from the batch every this many steps (same results; fewer
+            host synchronisations, for GPUs).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class JSMA(PixelStepExplainer):
         channels_last: bool = False,
         compile: bool = False,
         bfloat16: bool = False,
+        stop_check_every: int = 1,
     ):
         super().__init__(
             classifier,
@@ -60,6 +63,7 @@ class JSMA(PixelStepExplainer):
             channels_last=channels_last,
             compile=compile,
             bfloat16=bfloat16,
+            stop_check_every=stop_check_every,
         )
 
     def objective(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:

@@ -92,6 +92,8 @@ class REVISE(SearchExplainer):
         confidence: target probability at which a query succeeds.
         max_iterations: gradient steps after which a query fails.
         path_every: record the decoded iterates every this many steps in the result's ``path``.
+        stop_check_every: drop finished queries from the batch every this many steps (same results; fewer
+            host synchronisations, for GPUs).
 
     Raises:
         TypeError: ``vae`` is not a module with ``encode`` and ``decode``.
@@ -107,8 +109,9 @@ class REVISE(SearchExplainer):
         confidence: float = 0.5,
         max_iterations: int = 50_000,
         path_every: int | None = None,
+        stop_check_every: int = 1,
     ):
-        super().__init__(classifier, confidence, max_iterations, path_every)
+        super().__init__(classifier, confidence, max_iterations, path_every, stop_check_every=stop_check_every)
         check_image_model(vae, "vae", ("encode", "decode"), classifier)
         if distance_weight < 0:
             raise ValueError(f"distance_weight must be >= 0, got {distance_weight}")

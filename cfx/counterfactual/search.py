@@ -217,6 +217,7 @@ class ActiveSearch:
         self.iterations = torch.zeros(len(queries), dtype=torch.long, device=queries.device)
         self.recorder = PathRecorder(queries, path_every, max_iterations)
         self.rows = torch.nonzero(~reached).squeeze(1)
+        self.written = torch.zeros(len(self.rows), dtype=torch.bool, device=queries.device)
         self.state: dict[str, Tensor] = {"targets": targets.index_select(0, self.rows)}
         self.tracked: dict[str, torch.optim.Optimizer | nn.Parameter | nn.Module] = {}
         self.details: dict[str, Tensor] = {name: value.clone() for name, value in (details or {}).items()}
@@ -256,7 +257,11 @@ class ActiveSearch:
         counterfactuals: Tensor | None = None,
         details: Mapping[str, Tensor] | None = None,
     ) -> None:
-        """Write the outputs of the active rows where ``done`` into the full-size results.
+        """Write the outputs of the active rows where ``done`` into the full-size results, once per row.
+
+        A row's first write is final: a row finished earlier but still in the computation (the loop narrows every
+        ``stop_check_every`` iterations) keeps its results. The writes index with :attr:`rows` and select with
+        ``torch.where``, so they never wait for the device.
 
         Args:
             done: ``(R,)`` bool, the rows that stop now.
@@ -267,16 +272,24 @@ class ActiveSearch:
             counterfactuals: ``(R, C, H, W)`` the returned images (default ``iterates``).
             details: ``(R, ...)`` the rows' values of some of :attr:`details` (the others keep their values).
         """
-        finished = self.rows[done]
-        self.last_iterates[finished] = iterates[done].detach()
-        self.counterfactuals[finished] = (iterates if counterfactuals is None else counterfactuals)[done].detach()
-        self.success[finished] = success[done]
-        self.target_probability[finished] = target_probability[done]
-        self.iterations[finished] = iteration
+        unknown = sorted(set(details or {}) - set(self.details))
+        if unknown:
+            raise KeyError(f"no detail {unknown[0]!r} in this search (it has {sorted(self.details)})")
+        new = done & ~self.written
+        self.written = self.written | done
+        rows = self.rows
+
+        def write(full: Tensor, values: Tensor) -> None:
+            mask = new.view(-1, *([1] * (values.ndim - 1)))
+            full[rows] = torch.where(mask, values.detach().to(full.dtype), full[rows])
+
+        write(self.last_iterates, iterates)
+        write(self.counterfactuals, iterates if counterfactuals is None else counterfactuals)
+        write(self.success, success)
+        write(self.target_probability, target_probability)
+        write(self.iterations, torch.full_like(rows, iteration))
         for name, value in (details or {}).items():
-            if name not in self.details:
-                raise KeyError(f"no detail {name!r} in this search (it has {sorted(self.details)})")
-            self.details[name][finished] = value[done].detach().to(self.details[name].dtype)
+            write(self.details[name], value)
 
     @torch.no_grad()
     def narrow(self, keep: Tensor, tensors: Sequence[Tensor | None] = ()) -> list[Tensor | None]:
@@ -295,6 +308,7 @@ class ActiveSearch:
         """
         index = torch.nonzero(keep).squeeze(1)
         self.rows = self.rows[index]
+        self.written = self.written[index]
         self.state = {name: value[index] for name, value in self.state.items()}
         for item in self.tracked.values():
             if isinstance(item, torch.optim.Optimizer):
@@ -358,6 +372,10 @@ class SearchExplainer(Explainer):
             path).
         fold_batch_norm, channels_last, compile, bfloat16: evaluate a faster copy of the classifier
             (:func:`search_classifier`, :attr:`search_network`); a method's :meth:`evaluate` uses it.
+        stop_check_every: drop the finished rows from the computation every this many iterations (1: at once).
+            The results are the same for any value -- a finished row's outputs are written when it stops and
+            its later steps are discarded -- but between checks the loop never waits for the device (for
+            GPUs); the price is up to ``stop_check_every - 1`` wasted steps per row.
     """
 
     def __init__(
@@ -371,9 +389,13 @@ class SearchExplainer(Explainer):
         channels_last: bool = False,
         compile: bool = False,
         bfloat16: bool = False,
+        stop_check_every: int = 1,
     ):
         super().__init__(classifier)
         check_search_settings(confidence, max_iterations, path_every)
+        if stop_check_every < 1:
+            raise ValueError(f"stop_check_every must be >= 1, got {stop_check_every}")
+        self.stop_check_every = stop_check_every
         self.confidence = confidence
         self.max_iterations = max_iterations
         self.path_every = path_every
@@ -467,17 +489,20 @@ class SearchExplainer(Explainer):
 
     def _run(self, search: ActiveSearch, queries: Tensor, indices: Tensor) -> None:
         self.start(search, queries, indices)
+        leaving = torch.zeros_like(search.written)
         for iteration in range(self.max_iterations + 1):
             last = iteration == self.max_iterations
             evaluation = self.evaluate(search, iteration, last)
             search.record(iteration, evaluation.iterates)
             reached, probability = target_reached(evaluation.logits, search.targets, self.confidence)
-            done = self.stopping(search, iteration, last, evaluation, reached, probability)
-            any_done = bool(done.any())  # the one host sync of an iteration
-            if any_done and bool(done.all()):
+            leaving = leaving | self.stopping(search, iteration, last, evaluation, reached, probability)
+            check = last or (iteration + 1) % self.stop_check_every == 0
+            any_leaving = check and bool(leaving.any())  # the loop's only host syncs, at a check
+            if any_leaving and bool(leaving.all()):
                 return
             gradients = list(torch.autograd.grad(evaluation.loss.sum(), evaluation.inputs, allow_unused=True))
             del evaluation  # release the graph before narrowing: a live graph pins the leaves' old shapes
-            if any_done:
-                gradients = search.narrow(~done, gradients)
+            if any_leaving:
+                gradients = search.narrow(~leaving, gradients)
+                leaving = torch.zeros_like(search.written)
             self.step(search, gradients, iteration)

@@ -38,6 +38,8 @@ class Wachter(SearchExplainer):
         confidence: target probability at which an iterate is valid.
         max_iterations: Adam steps after which a query fails.
         path_every: record the iterates every this many steps in the result's ``path``.
+        stop_check_every: drop finished queries from the batch every this many steps (same results; fewer
+            host synchronisations, for GPUs).
     """
 
     def __init__(
@@ -51,8 +53,9 @@ class Wachter(SearchExplainer):
         confidence: float = 0.5,
         max_iterations: int = 1000,
         path_every: int | None = None,
+        stop_check_every: int = 1,
     ):
-        super().__init__(classifier, confidence, max_iterations, path_every)
+        super().__init__(classifier, confidence, max_iterations, path_every, stop_check_every=stop_check_every)
         if lambda_init <= 0 or lambda_growth < 1:
             raise ValueError(f"need lambda_init > 0 and lambda_growth >= 1, got {lambda_init} and {lambda_growth}")
         if steps_per_lambda < 1:
