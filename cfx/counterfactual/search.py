@@ -2,7 +2,8 @@
 
 All queries of a batch are searched together, but only the *active* ones: each iteration evaluates the rows that
 have not finished, and a row leaves the computation (its per-row tensors, parameters and optimiser state are
-indexed down) as soon as the method's stopping rule says so. A query's result therefore depends on nothing but
+indexed down) as soon as the method's stopping rule says so (or, with ``stop_check_every = k``, at the next k-th
+step, its results written when it stopped). A query's result therefore depends on nothing but
 the query, its target, its dataset index and the method's settings (the classifier runs in eval mode, so no
 statistic couples the rows).
 
@@ -361,7 +362,8 @@ class SearchExplainer(Explainer):
     Every iteration ``k = 0 .. max_iterations`` evaluates the active rows' iterates (after ``k`` steps), applies
     the stopping rule (:meth:`stopping`; by default a row stops at its first iterate that reaches the target,
     :func:`target_reached`, or after ``max_iterations`` steps), writes the finished rows' results, drops them
-    from every per-row tensor and optimiser, and takes one step on the rest from the gradient of their loss. A
+    from every per-row tensor and optimiser (every ``stop_check_every`` iterations), and takes one step on the
+    rest from the gradient of their loss. A
     query already at its target (argmax and confidence) is returned unchanged after 0 iterations, with no step.
 
     Args:
