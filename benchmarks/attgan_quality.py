@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -40,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 GOAL = 0.8
 
 
-def trained_attgan(root: Path, epochs: int | None, overrides: list[str] = ()) -> Path:
+def trained_attgan(root: Path, epochs: int | None, overrides: Sequence[str] = ()) -> Path:
     """Train (or resume, or load when finished) configs/attgan/embedded_mnist.yaml (plus CLI ``overrides``) into
     ``root``."""
     folder = root / "attgan_embedded_mnist"

@@ -62,7 +62,9 @@ def target_reached(logits: Tensor, targets: Tensor, confidence: float) -> tuple[
     return (probabilities.argmax(dim=1) == targets) & (target_probability >= confidence), target_probability
 
 
-def check_search_settings(confidence: float, max_iterations: int, path_every: int | None) -> None:
+def check_search_settings(
+    confidence: float, max_iterations: int, path_every: int | None, stop_check_every: int = 1
+) -> None:
     """Raise ``ValueError`` unless the settings every iterative explainer shares are valid."""
     if not 0 < confidence <= 1:
         raise ValueError(f"confidence must lie in (0, 1], got {confidence}")
@@ -70,6 +72,8 @@ def check_search_settings(confidence: float, max_iterations: int, path_every: in
         raise ValueError(f"max_iterations must be >= 0, got {max_iterations}")
     if path_every is not None and path_every < 1:
         raise ValueError(f"path_every must be None or >= 1, got {path_every}")
+    if stop_check_every < 1:
+        raise ValueError(f"stop_check_every must be >= 1, got {stop_check_every}")
 
 
 @torch.no_grad()
@@ -394,9 +398,7 @@ class SearchExplainer(Explainer):
         stop_check_every: int = 1,
     ):
         super().__init__(classifier)
-        check_search_settings(confidence, max_iterations, path_every)
-        if stop_check_every < 1:
-            raise ValueError(f"stop_check_every must be >= 1, got {stop_check_every}")
+        check_search_settings(confidence, max_iterations, path_every, stop_check_every)
         self.stop_check_every = stop_check_every
         self.confidence = confidence
         self.max_iterations = max_iterations
